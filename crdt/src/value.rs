@@ -1,0 +1,266 @@
+//! Self-describing stored values: the [`Crdt`] enum and its [`TypeTag`].
+
+use std::fmt;
+
+use crate::op::{MapOp, Op, RegisterOp, SetOp};
+use crate::{
+    ActorId, CausalContext, Error, GCounter, Hlc, LwwRegister, MvRegister, OrMap, OrSet, PnCounter,
+};
+
+/// The type of a stored value, carried in every envelope. The numbers are part of the storage
+/// format and never change.
+///
+/// ```
+/// use geostate_crdt::TypeTag;
+/// assert_eq!(TypeTag::from_u8(3).unwrap(), TypeTag::OrSet);
+/// assert!(TypeTag::from_u8(0).is_err());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+#[non_exhaustive]
+pub enum TypeTag {
+    /// [`GCounter`].
+    GCounter = 1,
+    /// [`PnCounter`].
+    PnCounter = 2,
+    /// [`OrSet`] of byte strings.
+    OrSet = 3,
+    /// [`LwwRegister`] of byte strings.
+    LwwRegister = 4,
+    /// [`MvRegister`] of byte strings.
+    MvRegister = 5,
+    /// [`OrMap`].
+    Map = 6,
+}
+
+impl TypeTag {
+    /// Every tag, in numeric order.
+    pub const ALL: [TypeTag; 6] = [
+        TypeTag::GCounter,
+        TypeTag::PnCounter,
+        TypeTag::OrSet,
+        TypeTag::LwwRegister,
+        TypeTag::MvRegister,
+        TypeTag::Map,
+    ];
+
+    /// The tag's byte in the storage format.
+    pub const fn as_u8(self) -> u8 {
+        self as u8
+    }
+
+    /// The tag for a byte of the storage format.
+    pub fn from_u8(byte: u8) -> Result<Self, Error> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.as_u8() == byte)
+            .ok_or(Error::UnknownTypeTag(byte))
+    }
+
+    /// A short human-readable name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            TypeTag::GCounter => "g-counter",
+            TypeTag::PnCounter => "pn-counter",
+            TypeTag::OrSet => "or-set",
+            TypeTag::LwwRegister => "lww-register",
+            TypeTag::MvRegister => "mv-register",
+            TypeTag::Map => "map",
+        }
+    }
+}
+
+impl fmt::Display for TypeTag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Op {
+    /// The type of value this operation applies to (and creates on a missing key).
+    pub fn type_tag(&self) -> TypeTag {
+        match self {
+            Op::GCounterInc(_) => TypeTag::GCounter,
+            Op::Counter(_) => TypeTag::PnCounter,
+            Op::Set(_) => TypeTag::OrSet,
+            Op::Lww(_) => TypeTag::LwwRegister,
+            Op::Mv(_) => TypeTag::MvRegister,
+            Op::Map(_) => TypeTag::Map,
+        }
+    }
+}
+
+/// Any stored value: one variant per CRDT type, elements and register values as bytes.
+///
+/// This is what stores hold and replicators ship; the typed API converts at the edge.
+///
+/// ```
+/// use geostate_crdt::{ActorId, Crdt, CounterOp, Hlc, Op, TypeTag};
+/// let a = ActorId::new(1);
+/// let op = Op::from(CounterOp::inc(5));
+/// let mut value = Crdt::empty(op.type_tag());
+/// let delta = value.apply(a, Hlc::new(1, 0), &op).unwrap();
+/// value.merge(&delta).unwrap();
+/// assert_eq!(value.type_tag(), TypeTag::PnCounter);
+/// // Merging a value of another type is a typed error, not a silent overwrite.
+/// assert!(value.merge(&Crdt::empty(TypeTag::OrSet)).is_err());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Crdt {
+    /// A grow-only counter.
+    GCounter(GCounter),
+    /// A positive-negative counter.
+    PnCounter(PnCounter),
+    /// An add-wins set of byte strings.
+    OrSet(OrSet<Vec<u8>>),
+    /// A last-writer-wins register of bytes.
+    LwwRegister(LwwRegister<Vec<u8>>),
+    /// A multi-value register of bytes.
+    MvRegister(MvRegister<Vec<u8>>),
+    /// A map of CRDTs.
+    Map(OrMap),
+}
+
+impl Crdt {
+    /// The empty value of type `tag`.
+    pub fn empty(tag: TypeTag) -> Self {
+        match tag {
+            TypeTag::GCounter => Crdt::GCounter(GCounter::new()),
+            TypeTag::PnCounter => Crdt::PnCounter(PnCounter::new()),
+            TypeTag::OrSet => Crdt::OrSet(OrSet::new()),
+            TypeTag::LwwRegister => Crdt::LwwRegister(LwwRegister::new()),
+            TypeTag::MvRegister => Crdt::MvRegister(MvRegister::new()),
+            TypeTag::Map => Crdt::Map(OrMap::new()),
+        }
+    }
+
+    /// This value's type.
+    pub fn type_tag(&self) -> TypeTag {
+        match self {
+            Crdt::GCounter(_) => TypeTag::GCounter,
+            Crdt::PnCounter(_) => TypeTag::PnCounter,
+            Crdt::OrSet(_) => TypeTag::OrSet,
+            Crdt::LwwRegister(_) => TypeTag::LwwRegister,
+            Crdt::MvRegister(_) => TypeTag::MvRegister,
+            Crdt::Map(_) => TypeTag::Map,
+        }
+    }
+
+    /// Every event this value has seen.
+    pub fn context(&self) -> &CausalContext {
+        match self {
+            Crdt::GCounter(v) => v.as_causal().context(),
+            Crdt::PnCounter(v) => v.as_causal().context(),
+            Crdt::OrSet(v) => v.as_causal().context(),
+            Crdt::LwwRegister(v) => v.as_causal().context(),
+            Crdt::MvRegister(v) => v.as_causal().context(),
+            Crdt::Map(v) => v.as_causal().context(),
+        }
+    }
+
+    /// Joins `other` (a delta or a full state) into `self`. Values of different types are
+    /// never merged: that is [`Error::TypeMismatch`] and `self` is unchanged.
+    pub fn merge(&mut self, other: &Crdt) -> Result<(), Error> {
+        match (self, other) {
+            (Crdt::GCounter(a), Crdt::GCounter(b)) => a.merge(b),
+            (Crdt::PnCounter(a), Crdt::PnCounter(b)) => a.merge(b),
+            (Crdt::OrSet(a), Crdt::OrSet(b)) => a.merge(b),
+            (Crdt::LwwRegister(a), Crdt::LwwRegister(b)) => a.merge(b),
+            (Crdt::MvRegister(a), Crdt::MvRegister(b)) => a.merge(b),
+            (Crdt::Map(a), Crdt::Map(b)) => a.merge(b),
+            (this, other) => {
+                return Err(Error::TypeMismatch {
+                    expected: this.type_tag(),
+                    found: other.type_tag(),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    /// The delta of `op` on this value, on behalf of `actor` at `hlc`. The value itself is not
+    /// changed: merge the delta to apply it. An operation for another type is
+    /// [`Error::TypeMismatch`].
+    pub fn apply(&self, actor: ActorId, hlc: Hlc, op: &Op) -> Result<Crdt, Error> {
+        let delta = match (self, op) {
+            (Crdt::GCounter(v), Op::GCounterInc(n)) => Crdt::GCounter(v.inc(actor, *n)?),
+            (Crdt::PnCounter(v), Op::Counter(c)) => {
+                let (inc, dec) = c.amounts();
+                Crdt::PnCounter(v.update(actor, inc, dec)?)
+            }
+            (Crdt::OrSet(v), Op::Set(s)) => Crdt::OrSet(match s {
+                SetOp::Add(elements) => v.add_all(actor, elements.iter().cloned()),
+                SetOp::Remove(elements) => v.remove_all(elements.iter()),
+                SetOp::Clear => v.clear(),
+            }),
+            (Crdt::LwwRegister(v), Op::Lww(r)) => Crdt::LwwRegister(match r {
+                RegisterOp::Write(bytes) => v.write(actor, hlc, bytes.clone()),
+                RegisterOp::Clear => v.clear(),
+            }),
+            (Crdt::MvRegister(v), Op::Mv(r)) => Crdt::MvRegister(match r {
+                RegisterOp::Write(bytes) => v.write(actor, hlc, bytes.clone()),
+                RegisterOp::Clear => v.clear(),
+            }),
+            (Crdt::Map(v), Op::Map(m)) => Crdt::Map(v.apply(actor, hlc, m)?),
+            (this, op) => {
+                return Err(Error::TypeMismatch {
+                    expected: op.type_tag(),
+                    found: this.type_tag(),
+                })
+            }
+        };
+        Ok(delta)
+    }
+
+    /// Convenience for a map operation.
+    pub fn apply_map(&self, actor: ActorId, hlc: Hlc, op: &MapOp) -> Result<Crdt, Error> {
+        self.apply(actor, hlc, &Op::Map(op.clone()))
+    }
+
+    /// Whether the value respects every structural invariant (canonical context covering every
+    /// live dot; grow-only counters without decrements). Checked on every decode.
+    pub fn is_well_formed(&self) -> bool {
+        match self {
+            Crdt::GCounter(v) => v.as_causal().is_well_formed() && v.is_grow_only(),
+            Crdt::PnCounter(v) => v.as_causal().is_well_formed(),
+            Crdt::OrSet(v) => v.as_causal().is_well_formed(),
+            Crdt::LwwRegister(v) => v.as_causal().is_well_formed(),
+            Crdt::MvRegister(v) => v.as_causal().is_well_formed(),
+            Crdt::Map(v) => v.as_causal().is_well_formed(),
+        }
+    }
+}
+
+macro_rules! conversions {
+    ($($variant:ident => $ty:ty),* $(,)?) => {$(
+        impl From<$ty> for Crdt {
+            fn from(value: $ty) -> Self {
+                Crdt::$variant(value)
+            }
+        }
+
+        impl TryFrom<Crdt> for $ty {
+            type Error = Error;
+
+            fn try_from(value: Crdt) -> Result<Self, Error> {
+                match value {
+                    Crdt::$variant(v) => Ok(v),
+                    other => Err(Error::TypeMismatch {
+                        expected: TypeTag::$variant,
+                        found: other.type_tag(),
+                    }),
+                }
+            }
+        }
+    )*};
+}
+
+conversions! {
+    GCounter => GCounter,
+    PnCounter => PnCounter,
+    OrSet => OrSet<Vec<u8>>,
+    LwwRegister => LwwRegister<Vec<u8>>,
+    MvRegister => MvRegister<Vec<u8>>,
+    Map => OrMap,
+}
