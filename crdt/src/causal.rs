@@ -95,6 +95,16 @@ impl<S: DotStore> Causal<S> {
         )
     }
 
+    /// The delta removing every live dot: an empty store under a context of exactly those dots.
+    pub fn removal_delta(&self) -> Self {
+        let mut ctx = CausalContext::new();
+        self.store.for_each_dot(&mut |d| ctx.insert(d));
+        Self {
+            store: S::default(),
+            ctx,
+        }
+    }
+
     /// The structural invariants every state keeps; checked after decoding untrusted bytes.
     pub(crate) fn is_well_formed(&self) -> bool {
         self.ctx.is_canonical() && self.store.dots_covered_by(&self.ctx)

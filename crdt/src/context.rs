@@ -101,19 +101,55 @@ impl CausalContext {
     }
 
     /// Adds every dot of `other`.
+    ///
+    /// Costs O(|other| log |self|): only actors whose contiguous prefix advanced are folded, so
+    /// a long run of deltas merged out of order stays linear overall.
     pub fn union(&mut self, other: &CausalContext) {
-        if !other.vv.is_empty() {
-            self.vv.merge(&other.vv);
+        let had_cloud = !self.cloud.is_empty();
+        let mut advanced: Vec<ActorId> = Vec::new();
+        for (actor, counter) in other.vv.iter() {
+            if counter > self.vv.get(actor) {
+                self.vv.observe(actor, counter);
+                advanced.push(actor);
+            }
         }
-        if other.cloud.is_empty() && self.cloud.is_empty() {
-            return;
-        }
+        // `other.cloud` is ordered, so a run of dots that extends the vector folds in as it
+        // comes, and a dot kept in the cloud here can never be made contiguous by a later one.
         for &dot in &other.cloud {
-            if !self.vv.contains(dot) {
+            let seen = self.vv.get(dot.actor);
+            if dot.counter <= seen {
+                continue;
+            }
+            if dot.counter == seen + 1 {
+                self.vv.observe(dot.actor, dot.counter);
+                if advanced.last() != Some(&dot.actor) {
+                    advanced.push(dot.actor);
+                }
+            } else {
                 self.cloud.insert(dot);
             }
         }
-        self.compact();
+        // Dots already in our cloud may now be covered by, or contiguous with, an advanced
+        // actor's prefix.
+        if had_cloud {
+            for actor in advanced {
+                self.settle_actor(actor);
+            }
+        }
+    }
+
+    /// Drops `actor`'s cloud dots covered by the vector and folds in those that follow it.
+    fn settle_actor(&mut self, actor: ActorId) {
+        let seen = self.vv.get(actor);
+        let covered: Vec<Dot> = self
+            .cloud
+            .range(Dot::new(actor, 0)..=Dot::new(actor, seen))
+            .copied()
+            .collect();
+        for dot in covered {
+            self.cloud.remove(&dot);
+        }
+        self.fold_actor(actor);
     }
 
     /// Number of dots covered (saturating): the vector's events plus the cloud.
@@ -129,25 +165,6 @@ impl CausalContext {
             .iter()
             .flat_map(|(actor, n)| (1..=n).map(move |c| Dot::new(actor, c)))
             .chain(self.cloud.iter().copied())
-    }
-
-    /// Re-establishes the canonical form after the vector grew.
-    fn compact(&mut self) {
-        if self.cloud.is_empty() {
-            return;
-        }
-        let cloud = std::mem::take(&mut self.cloud);
-        for dot in cloud {
-            let seen = self.vv.get(dot.actor);
-            if dot.counter <= seen {
-                continue;
-            }
-            if dot.counter == seen + 1 {
-                self.vv.observe(dot.actor, dot.counter);
-            } else {
-                self.cloud.insert(dot);
-            }
-        }
     }
 
     /// Folds `actor`'s cloud dots that directly follow the vector into it.

@@ -130,6 +130,10 @@ impl PnCounter {
     pub fn as_causal(&self) -> &Causal<CounterStore> {
         &self.inner
     }
+
+    pub(crate) fn from_causal(inner: Causal<CounterStore>) -> Self {
+        Self { inner }
+    }
 }
 
 /// A grow-only counter.
@@ -177,6 +181,10 @@ impl GCounter {
     /// The underlying state.
     pub fn as_causal(&self) -> &Causal<CounterStore> {
         &self.inner
+    }
+
+    pub(crate) fn from_causal(inner: Causal<CounterStore>) -> Self {
+        Self { inner }
     }
 
     /// Whether no entry carries a decrement (a grow-only counter's invariant).

@@ -30,6 +30,7 @@
 //! assert!(matches!(envelope::decode(&bytes[..5], &limits), Err(Error::Truncated { .. })));
 //! ```
 
+use crate::map::MapStore;
 use crate::TypeTag;
 use crate::{codec, Crdt, Error, GCounter, LwwRegister, MvRegister, OrMap, OrSet, PnCounter};
 
@@ -45,6 +46,11 @@ pub const TRAILER_LEN: usize = 4;
 pub const FLAG_COMPRESSED: u8 = 0b0000_0001;
 /// Flag bit: the payload is encrypted (reserved; this build neither writes nor reads it).
 pub const FLAG_ENCRYPTED: u8 = 0b0000_0010;
+/// Deepest nesting of maps inside a map value (a map whose entries hold no nested map has
+/// nesting 0). Deeper values are refused by [`encode`] and [`decode`] alike, so every value
+/// that is written can be read back, and hostile bytes cannot make decoding recurse without
+/// bound.
+pub const MAP_NESTING_MAX: usize = 64;
 
 /// How to encode.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,16 +88,36 @@ impl Default for Limits {
     }
 }
 
+/// The canonical payload of `value`: the uncompressed bytes an envelope carries. Equal values
+/// give equal bytes, whatever order their updates were merged in, so a hash of these bytes
+/// identifies a state across regions (digests use it).
+pub fn canonical_payload(value: &Crdt) -> Result<Vec<u8>, Error> {
+    match value {
+        Crdt::GCounter(v) => codec::encode(v),
+        Crdt::PnCounter(v) => codec::encode(v),
+        Crdt::OrSet(v) => codec::encode(v),
+        Crdt::LwwRegister(v) => codec::encode(v),
+        Crdt::MvRegister(v) => codec::encode(v),
+        Crdt::Map(v) => codec::encode(v),
+    }
+}
+
+/// The length of [`canonical_payload`], computed without allocating it.
+pub fn payload_len(value: &Crdt) -> Result<usize, Error> {
+    match value {
+        Crdt::GCounter(v) => codec::encoded_len(v),
+        Crdt::PnCounter(v) => codec::encoded_len(v),
+        Crdt::OrSet(v) => codec::encoded_len(v),
+        Crdt::LwwRegister(v) => codec::encoded_len(v),
+        Crdt::MvRegister(v) => codec::encoded_len(v),
+        Crdt::Map(v) => codec::encoded_len(v),
+    }
+}
+
 /// Encodes `value` into an envelope.
 pub fn encode(value: &Crdt, options: &Options) -> Result<Vec<u8>, Error> {
-    let raw = match value {
-        Crdt::GCounter(v) => codec::encode(v)?,
-        Crdt::PnCounter(v) => codec::encode(v)?,
-        Crdt::OrSet(v) => codec::encode(v)?,
-        Crdt::LwwRegister(v) => codec::encode(v)?,
-        Crdt::MvRegister(v) => codec::encode(v)?,
-        Crdt::Map(v) => codec::encode(v)?,
-    };
+    check_nesting(value)?;
+    let raw = canonical_payload(value)?;
     if raw.len() > options.payload_bytes_max {
         return Err(Error::TooLarge {
             size: raw.len(),
@@ -147,7 +173,8 @@ fn frame(bytes: &[u8]) -> Result<Frame<'_>, Error> {
         return Err(Error::UnknownVersion(version));
     }
     let declared = u32::from_le_bytes([bytes[7], bytes[8], bytes[9], bytes[10]]) as usize;
-    let total = HEADER_LEN + declared + TRAILER_LEN;
+    // Saturating: on a 32-bit target a declared length near u32::MAX would overflow.
+    let total = declared.saturating_add(HEADER_LEN + TRAILER_LEN);
     if bytes.len() < total {
         return Err(Error::Truncated {
             needed: total,
@@ -189,8 +216,7 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Crdt, Error> {
     let frame = frame(bytes)?;
     let decompressed;
     let payload = if frame.flags & FLAG_COMPRESSED != 0 {
-        decompressed = zstd::bulk::decompress(frame.payload, limits.payload_bytes_max)
-            .map_err(|e| Error::Decompression(e.to_string()))?;
+        decompressed = decompress(frame.payload, limits.payload_bytes_max)?;
         decompressed.as_slice()
     } else {
         frame.payload
@@ -215,7 +241,78 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Crdt, Error> {
             frame.tag
         )));
     }
+    check_nesting(&value)?;
     Ok(value)
+}
+
+/// Most bytes reserved up front for a decompressed payload. A frame header may claim any size
+/// (up to the limit), so what lies beyond this is allocated only as it is really produced.
+const RESERVE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Decompresses a zstd payload into at most `limit` bytes.
+///
+/// A frame whose header declares more than `limit` is refused before any work. The output
+/// buffer never reserves more than the header declares (capped at [`RESERVE_BYTES_MAX`]), and
+/// decompression stops one byte past `limit`, so neither a hostile header nor a huge `limit`
+/// (`usize::MAX` for "no limit") makes this allocate beyond what the data really holds.
+fn decompress(payload: &[u8], limit: usize) -> Result<Vec<u8>, Error> {
+    use std::io::Read;
+
+    let limit_u64 = u64::try_from(limit).unwrap_or(u64::MAX);
+    let declared = zstd::zstd_safe::get_frame_content_size(payload)
+        .map_err(|_| Error::Decompression("payload is not a zstd frame".to_string()))?;
+    if let Some(size) = declared {
+        if size > limit_u64 {
+            return Err(Error::TooLarge {
+                size: usize::try_from(size).unwrap_or(usize::MAX),
+                limit,
+            });
+        }
+    }
+    let reserve = declared
+        .and_then(|size| usize::try_from(size).ok())
+        .unwrap_or(0)
+        .min(RESERVE_BYTES_MAX);
+    let mut out = Vec::with_capacity(reserve);
+    let failed = |e: std::io::Error| Error::Decompression(e.to_string());
+    zstd::stream::read::Decoder::with_buffer(payload)
+        .map_err(failed)?
+        .take(limit_u64.saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(failed)?;
+    if out.len() > limit {
+        return Err(Error::TooLarge {
+            size: out.len(),
+            limit,
+        });
+    }
+    Ok(out)
+}
+
+/// Refuses a map nested deeper than [`MAP_NESTING_MAX`]. Iterative, and stops at the first
+/// path that is too deep.
+fn check_nesting(value: &Crdt) -> Result<(), Error> {
+    let Crdt::Map(map) = value else {
+        return Ok(());
+    };
+    let mut pending: Vec<(&MapStore, usize)> = vec![(map.as_causal().store(), 0)];
+    while let Some((store, nesting)) = pending.pop() {
+        // The encoded structure counts, empty entries included: a tower of empty maps is
+        // exactly what a hostile payload would send.
+        for (_, fields) in store.raw_entries() {
+            let nested = fields.map();
+            if nested.raw_entries().next().is_none() {
+                continue;
+            }
+            if nesting >= MAP_NESTING_MAX {
+                return Err(Error::Payload(format!(
+                    "map nested more than {MAP_NESTING_MAX} levels deep"
+                )));
+            }
+            pending.push((nested, nesting + 1));
+        }
+    }
+    Ok(())
 }
 
 /// Decodes an envelope that must hold a value of type `expected`; any other type is

@@ -49,7 +49,7 @@
 //! use geostate_crdt::{envelope, ActorId, Crdt, Hlc, Op, SetOp};
 //!
 //! let op = Op::Set(SetOp::add("sku-1"));
-//! let mut cart = Crdt::empty(op.type_tag());
+//! let mut cart = Crdt::empty(op.type_tag().unwrap());
 //! let delta = cart.apply(ActorId::new(1), Hlc::new(1_700_000_000_000, 0), &op).unwrap();
 //! cart.merge(&delta).unwrap();
 //!
@@ -76,6 +76,7 @@ pub mod hlc;
 pub mod map;
 pub mod op;
 pub mod orset;
+pub mod record;
 pub mod register;
 pub mod store;
 pub mod value;

@@ -252,4 +252,40 @@ impl OrMap {
     pub fn as_causal(&self) -> &Causal<MapStore> {
         &self.inner
     }
+
+    pub(crate) fn from_causal(inner: Causal<MapStore>) -> Self {
+        Self { inner }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::op::CounterOp;
+
+    /// Regression: removal deltas carry empty entries naming the removed keys; readers must not
+    /// see them, at any depth.
+    #[test]
+    fn a_removal_delta_does_not_show_the_removed_keys() {
+        let a = ActorId::new(1);
+        let hlc = Hlc::new(1, 0);
+        let nested = MapOp::update(
+            "outer",
+            FieldOp::Map(Box::new(MapOp::update(
+                "inner",
+                FieldOp::Counter(CounterOp::inc(1)),
+            ))),
+        );
+        let mut m = OrMap::new();
+        m.merge(&m.apply(a, hlc, &nested).unwrap_or_default());
+        let inner_removal = MapOp::update("outer", FieldOp::Map(Box::new(MapOp::remove("inner"))));
+        let delta = m.apply(a, hlc, &inner_removal).unwrap_or_default();
+        assert!(delta.get("outer").is_none());
+        assert_eq!(delta.len(), 0);
+        assert!(delta.is_empty());
+        let whole = m.apply(a, hlc, &MapOp::remove("outer")).unwrap_or_default();
+        assert_eq!(whole.keys().count(), 0);
+        m.merge(&delta);
+        assert!(m.is_empty());
+    }
 }

@@ -157,6 +157,10 @@ pub enum Op {
     Mv(RegisterOp),
     /// Update an observed-remove map.
     Map(MapOp),
+    /// Remove everything the value holds that has been seen, whatever its type: the key's
+    /// deletion. The causal context stays, so a delayed delta of a removed write cannot bring
+    /// it back, while a write concurrent with the deletion survives it.
+    Delete,
 }
 
 impl From<CounterOp> for Op {

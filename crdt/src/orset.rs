@@ -167,6 +167,10 @@ impl<E: Ord + Clone + Debug> OrSet<E> {
         &self.inner
     }
 
+    pub(crate) fn from_causal(inner: Causal<OrSetStore<E>>) -> Self {
+        Self { inner }
+    }
+
     /// The same set with every element converted by `f`; fails on the first element `f`
     /// rejects. Two elements converting to one would merge their dots.
     pub fn try_map<F, T, Err>(&self, mut f: F) -> Result<OrSet<T>, Err>
@@ -186,5 +190,27 @@ impl<E: Ord + Clone + Debug> OrSet<E> {
                 ctx: self.inner.ctx.clone(),
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: a removal delta names the removed element with an empty entry (a key hint
+    /// for `Causal::merge`); readers must not see that entry as a present element.
+    #[test]
+    fn a_removal_delta_does_not_show_the_removed_element() {
+        let a = ActorId::new(1);
+        let mut set = OrSet::new();
+        set.merge(&set.add(a, "x"));
+        let removal = set.remove(&"x");
+        assert!(!removal.contains(&"x"));
+        assert_eq!(removal.len(), 0);
+        assert!(removal.is_empty());
+        assert_eq!(removal.iter().count(), 0);
+        assert_eq!(removal.entries().count(), 0);
+        set.merge(&removal);
+        assert!(set.is_empty());
     }
 }

@@ -1,10 +1,11 @@
 //! Registers: last-writer-wins and multi-value.
 //!
-//! Both keep `(dot -> stamped value)` entries and differ only in what a write overwrites and
-//! what a read shows. A multi-value write overwrites every entry it has seen, so concurrent
-//! writes survive side by side as siblings. A last-writer-wins write overwrites the entries it
-//! outranks; a read shows the entry with the greatest `(HLC, actor, dot counter)`, so the
-//! winner is the same everywhere and equals "the write with the greatest (HLC, actor)".
+//! Both keep `(dot -> stamped value)` entries and overwrite every entry a write has seen, so
+//! only writes made concurrently survive side by side. They differ in what a read shows: a
+//! multi-value register shows every survivor (siblings); a last-writer-wins register shows the
+//! one with the greatest `(HLC, actor, dot counter)`, the same winner everywhere. A
+//! last-writer-wins write is stamped past every value it overwrites (see `lww_write_delta`), so
+//! a causally later write wins even when its writer's clock lags.
 
 use std::fmt::Debug;
 
@@ -37,6 +38,11 @@ pub(crate) fn lww_winner<V: Ord>(store: &RegisterStore<V>) -> Option<(Dot, &Stam
 }
 
 /// The delta writing `value` at `hlc` on behalf of `actor`, last-writer-wins.
+///
+/// A write outranks every entry it has seen: when the writer's clock lags behind a value it
+/// overwrites, the write's timestamp is raised just past that value's (what a hybrid logical
+/// clock does on observing it), so a causally later write always wins. Only writes made
+/// concurrently, without seeing each other, are ordered by `(HLC, actor, counter)`.
 pub(crate) fn lww_write_delta<V: Ord + Clone>(
     store: &RegisterStore<V>,
     ctx: &CausalContext,
@@ -45,18 +51,18 @@ pub(crate) fn lww_write_delta<V: Ord + Clone>(
     value: V,
 ) -> Causal<RegisterStore<V>> {
     let dot = ctx.next_dot(actor);
-    let entry = Stamped { hlc, value };
-    let mine = rank(dot, &entry);
+    let hlc = match store.iter().map(|(_, e)| e.hlc).max() {
+        Some(seen) if seen >= hlc => seen.successor(),
+        _ => hlc,
+    };
     let mut delta_ctx = CausalContext::from_dots([dot]);
-    for (d, e) in store.iter() {
-        if rank(d, e) < mine {
-            delta_ctx.insert(d);
-        }
+    for (d, _) in store.iter() {
+        delta_ctx.insert(d);
     }
-    // Entries that outrank this write stay; the write is still kept, because a concurrent
-    // clear that removes the outranking entries must not take this write with it.
-    let delta_store = DotFun::from_entries([(dot, entry)]);
-    Causal::delta(delta_store, delta_ctx)
+    Causal::delta(
+        DotFun::from_entries([(dot, Stamped { hlc, value })]),
+        delta_ctx,
+    )
 }
 
 /// The delta writing `value` at `hlc` on behalf of `actor`, overwriting every entry seen.
@@ -151,9 +157,35 @@ impl<V: Ord + Clone + Debug> LwwRegister<V> {
         self.inner.merge(&other.inner);
     }
 
+    /// The same register with every value converted by `f`; fails on the first value `f`
+    /// rejects.
+    pub fn try_map<F, T, Err>(&self, mut f: F) -> Result<LwwRegister<T>, Err>
+    where
+        F: FnMut(&V) -> Result<T, Err>,
+        T: Ord + Clone + Debug,
+    {
+        let mut entries = Vec::with_capacity(self.inner.store.len());
+        for (dot, e) in self.inner.store.iter() {
+            entries.push((
+                dot,
+                Stamped {
+                    hlc: e.hlc,
+                    value: f(&e.value)?,
+                },
+            ));
+        }
+        Ok(LwwRegister {
+            inner: Causal::delta(DotFun::from_entries(entries), self.inner.ctx.clone()),
+        })
+    }
+
     /// The underlying state.
     pub fn as_causal(&self) -> &Causal<RegisterStore<V>> {
         &self.inner
+    }
+
+    pub(crate) fn from_causal(inner: Causal<RegisterStore<V>>) -> Self {
+        Self { inner }
     }
 }
 
@@ -237,8 +269,34 @@ impl<V: Ord + Clone + Debug> MvRegister<V> {
         self.inner.merge(&other.inner);
     }
 
+    /// The same register with every value converted by `f`; fails on the first value `f`
+    /// rejects.
+    pub fn try_map<F, T, Err>(&self, mut f: F) -> Result<MvRegister<T>, Err>
+    where
+        F: FnMut(&V) -> Result<T, Err>,
+        T: Ord + Clone + Debug,
+    {
+        let mut entries = Vec::with_capacity(self.inner.store.len());
+        for (dot, e) in self.inner.store.iter() {
+            entries.push((
+                dot,
+                Stamped {
+                    hlc: e.hlc,
+                    value: f(&e.value)?,
+                },
+            ));
+        }
+        Ok(MvRegister {
+            inner: Causal::delta(DotFun::from_entries(entries), self.inner.ctx.clone()),
+        })
+    }
+
     /// The underlying state.
     pub fn as_causal(&self) -> &Causal<RegisterStore<V>> {
         &self.inner
+    }
+
+    pub(crate) fn from_causal(inner: Causal<RegisterStore<V>>) -> Self {
+        Self { inner }
     }
 }

@@ -290,37 +290,46 @@ impl<K: Ord, S> DotMap<K, S> {
         }
     }
 
-    /// The nested store under `key`.
+    pub(crate) fn insert(&mut self, key: K, store: S) {
+        self.entries.insert(key, store);
+    }
+
+    /// Every entry, empty ones (removal hints) included: the structure as encoded.
+    pub(crate) fn raw_entries(&self) -> impl Iterator<Item = (&K, &S)> + '_ {
+        self.entries.iter()
+    }
+}
+
+/// Reads see live entries only: an entry whose store holds no dot (a removal delta's key hint)
+/// is not there as far as any reader is concerned.
+impl<K: Ord, S: DotStore> DotMap<K, S> {
+    /// The nested store under `key`, if it holds a live dot.
     pub fn get<Q>(&self, key: &Q) -> Option<&S>
     where
         K: std::borrow::Borrow<Q>,
         Q: Ord + ?Sized,
     {
-        self.entries.get(key)
+        self.entries.get(key).filter(|s| !s.is_bottom())
     }
 
-    /// `(key, store)` pairs in key order.
+    /// `(key, store)` pairs with a live dot, in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&K, &S)> + '_ {
-        self.entries.iter()
+        self.entries.iter().filter(|(_, s)| !s.is_bottom())
     }
 
-    /// Keys in order.
+    /// Keys with a live dot, in order.
     pub fn keys(&self) -> impl Iterator<Item = &K> + '_ {
-        self.entries.keys()
+        self.iter().map(|(k, _)| k)
     }
 
-    /// Number of keys.
+    /// Number of keys with a live dot.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.iter().count()
     }
 
-    /// Whether there is no key.
+    /// Whether no key holds a live dot.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    pub(crate) fn insert(&mut self, key: K, store: S) {
-        self.entries.insert(key, store);
+        self.iter().next().is_none()
     }
 }
 
@@ -344,16 +353,19 @@ impl<K: Ord + Clone + Debug, S: DotStore> DotStore for DotMap<K, S> {
     ) -> usize {
         let mut removed = 0;
         for (key, theirs) in &other.entries {
+            // An empty entry is a removal hint for the whole key: what it removes lies anywhere
+            // below, so that subtree is joined in full.
+            let sub_scan = if theirs.is_bottom() { Scan::All } else { scan };
             match self.entries.get_mut(key) {
                 Some(mine) => {
-                    removed += mine.join(ctx, theirs, other_ctx, scan);
+                    removed += mine.join(ctx, theirs, other_ctx, sub_scan);
                     if mine.is_bottom() {
                         self.entries.remove(key);
                     }
                 }
                 None => {
                     let mut mine = S::default();
-                    mine.join(ctx, theirs, other_ctx, scan);
+                    mine.join(ctx, theirs, other_ctx, sub_scan);
                     if !mine.is_bottom() {
                         self.entries.insert(key.clone(), mine);
                     }

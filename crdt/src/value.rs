@@ -3,6 +3,7 @@
 use std::fmt;
 
 use crate::op::{MapOp, Op, RegisterOp, SetOp};
+use crate::store::DotStore;
 use crate::{
     ActorId, CausalContext, Error, GCounter, Hlc, LwwRegister, MvRegister, OrMap, OrSet, PnCounter,
 };
@@ -77,15 +78,17 @@ impl fmt::Display for TypeTag {
 }
 
 impl Op {
-    /// The type of value this operation applies to (and creates on a missing key).
-    pub fn type_tag(&self) -> TypeTag {
+    /// The type of value this operation applies to (and creates on a missing key); `None` for
+    /// [`Op::Delete`], which applies to every type and creates nothing.
+    pub fn type_tag(&self) -> Option<TypeTag> {
         match self {
-            Op::GCounterInc(_) => TypeTag::GCounter,
-            Op::Counter(_) => TypeTag::PnCounter,
-            Op::Set(_) => TypeTag::OrSet,
-            Op::Lww(_) => TypeTag::LwwRegister,
-            Op::Mv(_) => TypeTag::MvRegister,
-            Op::Map(_) => TypeTag::Map,
+            Op::GCounterInc(_) => Some(TypeTag::GCounter),
+            Op::Counter(_) => Some(TypeTag::PnCounter),
+            Op::Set(_) => Some(TypeTag::OrSet),
+            Op::Lww(_) => Some(TypeTag::LwwRegister),
+            Op::Mv(_) => Some(TypeTag::MvRegister),
+            Op::Map(_) => Some(TypeTag::Map),
+            Op::Delete => None,
         }
     }
 }
@@ -98,7 +101,7 @@ impl Op {
 /// use geostate_crdt::{ActorId, Crdt, CounterOp, Hlc, Op, TypeTag};
 /// let a = ActorId::new(1);
 /// let op = Op::from(CounterOp::inc(5));
-/// let mut value = Crdt::empty(op.type_tag());
+/// let mut value = Crdt::empty(op.type_tag().unwrap());
 /// let delta = value.apply(a, Hlc::new(1, 0), &op).unwrap();
 /// value.merge(&delta).unwrap();
 /// assert_eq!(value.type_tag(), TypeTag::PnCounter);
@@ -184,6 +187,7 @@ impl Crdt {
     /// [`Error::TypeMismatch`].
     pub fn apply(&self, actor: ActorId, hlc: Hlc, op: &Op) -> Result<Crdt, Error> {
         let delta = match (self, op) {
+            (this, Op::Delete) => this.removal_delta(),
             (Crdt::GCounter(v), Op::GCounterInc(n)) => Crdt::GCounter(v.inc(actor, *n)?),
             (Crdt::PnCounter(v), Op::Counter(c)) => {
                 let (inc, dec) = c.amounts();
@@ -205,12 +209,45 @@ impl Crdt {
             (Crdt::Map(v), Op::Map(m)) => Crdt::Map(v.apply(actor, hlc, m)?),
             (this, op) => {
                 return Err(Error::TypeMismatch {
-                    expected: op.type_tag(),
+                    expected: op.type_tag().unwrap_or(this.type_tag()),
                     found: this.type_tag(),
                 })
             }
         };
         Ok(delta)
+    }
+
+    /// The delta removing every live dot of this value (its deletion): an empty store under a
+    /// context of exactly those dots.
+    pub fn removal_delta(&self) -> Crdt {
+        match self {
+            Crdt::GCounter(v) => {
+                Crdt::GCounter(GCounter::from_causal(v.as_causal().removal_delta()))
+            }
+            Crdt::PnCounter(v) => {
+                Crdt::PnCounter(PnCounter::from_causal(v.as_causal().removal_delta()))
+            }
+            Crdt::OrSet(v) => Crdt::OrSet(OrSet::from_causal(v.as_causal().removal_delta())),
+            Crdt::LwwRegister(v) => {
+                Crdt::LwwRegister(LwwRegister::from_causal(v.as_causal().removal_delta()))
+            }
+            Crdt::MvRegister(v) => {
+                Crdt::MvRegister(MvRegister::from_causal(v.as_causal().removal_delta()))
+            }
+            Crdt::Map(v) => Crdt::Map(OrMap::from_causal(v.as_causal().removal_delta())),
+        }
+    }
+
+    /// Whether the value holds no live dot (never written, or deleted).
+    pub fn is_bottom(&self) -> bool {
+        match self {
+            Crdt::GCounter(v) => v.as_causal().store().is_bottom(),
+            Crdt::PnCounter(v) => v.as_causal().store().is_bottom(),
+            Crdt::OrSet(v) => v.as_causal().store().is_bottom(),
+            Crdt::LwwRegister(v) => v.as_causal().store().is_bottom(),
+            Crdt::MvRegister(v) => v.as_causal().store().is_bottom(),
+            Crdt::Map(v) => v.as_causal().store().is_bottom(),
+        }
     }
 
     /// Convenience for a map operation.
