@@ -1,0 +1,174 @@
+//! The store contract every region store implements.
+
+use std::future::Future;
+
+use geostate_crdt::Crdt;
+
+use crate::{
+    BackendError, FeedPage, Key, Layout, LocalWrite, PartitionDigest, Receipt, ScanPage, Stored,
+};
+
+/// Largest page a scan, feed read or conflict read returns.
+pub const PAGE_LIMIT_MAX: usize = 10_000;
+
+/// One region's store: values, per-partition change feeds and digests, replication cursors and
+/// the conflict feed.
+///
+/// To ensure correctness, an implementation must:
+/// - make every write atomic: the value, the version, the digest and (for local writes) the
+///   change-feed entry change together or not at all, and a write is acknowledged only after
+///   the store has committed it;
+/// - serialise writes to one key: concurrent writers (tasks or processes) never lose an
+///   update, and [`apply`](StateBackend::apply) computes each delta from the state it merges
+///   into, so no dot is ever minted twice;
+/// - never overwrite, merge or feed a value that does not decode: report
+///   [`BackendError::Corrupt`] and leave the bytes as they are;
+/// - assign versions that never repeat within a partition (hence never for one key), even
+///   after a delete;
+/// - number feed entries 1, 2, 3, ... per partition, and trim only the oldest;
+/// - keep digests equal for equal contents, whatever the order of the writes that produced
+///   them (see [`crate::digest`]);
+/// - reject a value whose canonical payload ([`geostate_crdt::envelope::payload_len`], before
+///   compression, so that every region accepts the same values) would exceed
+///   [`Layout::value_bytes_max`] without writing anything.
+pub trait StateBackend: Send + Sync + 'static {
+    /// The partitioning and limits.
+    fn layout(&self) -> &Layout;
+
+    /// The value under `key`.
+    fn get(&self, key: &Key) -> impl Future<Output = Result<Option<Stored>, BackendError>> + Send;
+
+    /// The values under `keys`, each with its own outcome.
+    fn get_many(
+        &self,
+        keys: &[Key],
+    ) -> impl Future<Output = Result<Vec<Result<Option<Stored>, BackendError>>, BackendError>> + Send;
+
+    /// Applies a local write atomically: checks its condition, computes the operation's delta
+    /// from the current state, merges it, bumps the version, appends the delta to the
+    /// partition's change feed and updates the digest. A write whose delta changes nothing
+    /// (removing an absent element) writes nothing and returns `seq: None`.
+    fn apply(
+        &self,
+        write: LocalWrite,
+    ) -> impl Future<Output = Result<Receipt, BackendError>> + Send;
+
+    /// Applies local writes, each atomically and in order, each with its own outcome.
+    fn apply_many(
+        &self,
+        writes: Vec<LocalWrite>,
+    ) -> impl Future<Output = Result<Vec<Result<Receipt, BackendError>>, BackendError>> + Send;
+
+    /// Merges a delta or full state received from another region: atomically merges it and
+    /// updates version and digest. Nothing is appended to this store's change feed (it carries
+    /// local writes only). Into an absent key, the delta is joined with the empty value of its
+    /// type, never stored as is (a removal delta's empty entries are not elements).
+    fn merge(
+        &self,
+        key: &Key,
+        delta: &Crdt,
+    ) -> impl Future<Output = Result<Receipt, BackendError>> + Send;
+
+    /// Merges many remote deltas, each atomically, each with its own outcome.
+    fn merge_many(
+        &self,
+        items: &[(Key, Crdt)],
+    ) -> impl Future<Output = Result<Vec<Result<Receipt, BackendError>>, BackendError>> + Send;
+
+    /// Physically removes `key` (value and digest entry); returns whether it existed. This is
+    /// not a CRDT removal: other regions still hold the value and anti-entropy would bring it
+    /// back. Regions delete with a removal delta; this is for garbage collection and repair.
+    fn delete(&self, key: &Key) -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// [`delete`](StateBackend::delete) for many keys.
+    fn delete_many(
+        &self,
+        keys: &[Key],
+    ) -> impl Future<Output = Result<Vec<bool>, BackendError>> + Send;
+
+    /// Keys starting with `prefix` and greater than `after`, in key order, at most `limit`
+    /// (capped at [`PAGE_LIMIT_MAX`]). Resuming from each page's `next` visits every key once.
+    fn scan(
+        &self,
+        prefix: &str,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> impl Future<Output = Result<ScanPage, BackendError>> + Send;
+
+    /// Feed entries of `partition` with sequence numbers greater than `after`, at most `limit`.
+    fn read_feed(
+        &self,
+        partition: u16,
+        after: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<FeedPage, BackendError>> + Send;
+
+    /// Drops feed entries of `partition` up to and including `through`; returns how many.
+    fn trim_feed(
+        &self,
+        partition: u16,
+        through: u64,
+    ) -> impl Future<Output = Result<usize, BackendError>> + Send;
+
+    /// The bucket fingerprints of `partition`.
+    fn digest(
+        &self,
+        partition: u16,
+    ) -> impl Future<Output = Result<PartitionDigest, BackendError>> + Send;
+
+    /// The keys of one digest bucket with their value hashes, in key order.
+    fn bucket_entries(
+        &self,
+        partition: u16,
+        bucket: u16,
+    ) -> impl Future<Output = Result<Vec<(Key, u64)>, BackendError>> + Send;
+
+    /// The replication cursor for `origin` region's feed of `partition` (0 if none). An origin
+    /// is a region name of 1 to 64 bytes without control characters; any other is
+    /// [`BackendError::InvalidArgument`], here and in
+    /// [`advance_cursor`](StateBackend::advance_cursor).
+    fn cursor(
+        &self,
+        origin: &str,
+        partition: u16,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send;
+
+    /// Raises the cursor to `seq` (a cursor never moves back); returns the cursor after.
+    fn advance_cursor(
+        &self,
+        origin: &str,
+        partition: u16,
+        seq: u64,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send;
+
+    /// Appends an encoded conflict record to the conflict feed; returns its sequence number.
+    fn append_conflict(
+        &self,
+        record: Vec<u8>,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send;
+
+    /// Conflict records after sequence number `after`, at most `limit`.
+    fn read_conflicts(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(u64, Vec<u8>)>, BackendError>> + Send;
+}
+
+/// Raw byte access for tests: puts bytes under a key exactly as a broken disk or a stray
+/// client would. Only with the `testing` feature.
+#[cfg(feature = "testing")]
+pub trait RawAccess: StateBackend {
+    /// Stores `bytes` under `key` as its value, bypassing every check.
+    fn raw_put(
+        &self,
+        key: &Key,
+        bytes: Vec<u8>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// The bytes stored under `key` (an envelope for a well-formed value).
+    fn raw_get(
+        &self,
+        key: &Key,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, BackendError>> + Send;
+}
