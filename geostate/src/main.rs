@@ -1,0 +1,360 @@
+//! The `geostate` command line.
+//!
+//! `geostate simulate` runs a deterministic multi-region simulation (the built-in
+//! partition-heal scenario, or a scenario file), checks every invariant and prints a report.
+//! Exit status: 0 when every invariant held, 1 when one failed (the output names the seed and
+//! the command replaying it), 2 for a usage error, an unreadable or invalid scenario, or a plot
+//! that cannot be written.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+
+use clap::{Args, Parser, Subcommand};
+use geostate_sim::report::{Replay, Report};
+use geostate_sim::{checks, run, RunOptions, Scenario, SimError};
+use serde_json::{json, Value};
+
+/// Active-active, multi-region state: tools.
+#[derive(Debug, Parser)]
+#[command(name = "geostate", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a deterministic multi-region simulation (partitions, loss, clock skew, crashes),
+    /// check that every region converged with no acknowledged write lost, and report.
+    ///
+    /// With no flags it runs the built-in scenario: three regions, one isolated for ten
+    /// seconds of the twenty-second fault phase, then healed. The same seed always gives the
+    /// same report.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+struct SimulateArgs {
+    /// Scenario file (TOML; see simulations/scenarios/). Default: the built-in partition-heal.
+    #[arg(long, value_name = "PATH")]
+    scenario: Option<PathBuf>,
+    /// Seed (default: the scenario's `seed`).
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    /// Sweep N seeds starting at --seed (or the scenario's seed): one line per seed, then a
+    /// summary.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    seeds: Option<u64>,
+    /// Override the number of regions.
+    #[arg(long, value_name = "N")]
+    regions: Option<usize>,
+    /// Override the number of keys written.
+    #[arg(long, value_name = "N")]
+    keys: Option<usize>,
+    /// Override the length of the fault phase, in seconds of simulated time.
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// Print the JSON report instead of the text one.
+    #[arg(long)]
+    json: bool,
+    /// Write an SVG plot of lag and divergence over time (in a sweep: of the first failing
+    /// seed, or of the first seed when all pass).
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+}
+
+/// Exit status for a failed invariant.
+const EXIT_FAILED: u8 = 1;
+/// Exit status for a usage or input error.
+const EXIT_USAGE: u8 = 2;
+
+/// An error that stops the command before or outside the simulation itself.
+struct UsageError(String);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Simulate(args) => simulate(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(UsageError(message)) => {
+            eprintln!("geostate simulate: {message}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+/// The scenario to run, with the command line's overrides applied and checked.
+fn load_scenario(args: &SimulateArgs) -> Result<Scenario, UsageError> {
+    let mut scenario = match &args.scenario {
+        Some(path) => Scenario::from_file(path).map_err(|e| match e {
+            SimError::Scenario(m) if m.starts_with("reading ") => UsageError(format!(
+                "cannot read scenario file {}",
+                m.trim_start_matches("reading ")
+            )),
+            SimError::Scenario(m) => {
+                UsageError(format!("invalid scenario {}: {m}", path.display()))
+            }
+            e => UsageError(format!("invalid scenario {}: {e}", path.display())),
+        })?,
+        None => Scenario::default_scenario(),
+    };
+    if let Some(n) = args.regions {
+        scenario.regions = n;
+    }
+    if let Some(n) = args.keys {
+        scenario.keys = n;
+    }
+    if let Some(d) = args.duration {
+        scenario.duration_s = d;
+    }
+    scenario.validate().map_err(|e| {
+        let message = match e {
+            SimError::Scenario(m) => m,
+            e => e.to_string(),
+        };
+        UsageError(format!(
+            "invalid scenario (after command-line overrides): {message}"
+        ))
+    })?;
+    Ok(scenario)
+}
+
+fn simulate(args: &SimulateArgs) -> Result<ExitCode, UsageError> {
+    let scenario = load_scenario(args)?;
+    let replay = Replay {
+        scenario_path: args.scenario.as_ref().map(|p| p.display().to_string()),
+        regions: args.regions,
+        keys: args.keys,
+        duration_s: args.duration,
+    };
+    let seed = args.seed.unwrap_or(scenario.seed);
+    if let Some(path) = &args.plot {
+        // Find out now, not after the run, that the plot cannot be written.
+        std::fs::File::create(path)
+            .map_err(|e| UsageError(format!("cannot write the plot to {}: {e}", path.display())))?;
+    }
+    match args.seeds {
+        None => single(args, &scenario, &replay, seed),
+        Some(n) => sweep(args, &scenario, &replay, seed, n),
+    }
+}
+
+fn write_plot(path: &PathBuf, svg: &str) -> Result<(), UsageError> {
+    std::fs::write(path, svg)
+        .map_err(|e| UsageError(format!("cannot write the plot to {}: {e}", path.display())))
+}
+
+fn print(text: &str) {
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (`geostate simulate | head`) is not an error worth a panic.
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+fn single(
+    args: &SimulateArgs,
+    scenario: &Scenario,
+    replay: &Replay,
+    seed: u64,
+) -> Result<ExitCode, UsageError> {
+    let outcome = match run(scenario, &RunOptions::new(seed)) {
+        Ok(outcome) => outcome,
+        Err(SimError::Scenario(m)) => return Err(UsageError(format!("invalid scenario: {m}"))),
+        Err(e) => {
+            eprintln!("geostate simulate: FAIL: seed {seed}: {e}");
+            eprintln!("replay: {}", replay.command(seed));
+            return Ok(ExitCode::from(EXIT_FAILED));
+        }
+    };
+    let results = checks::run_all(&outcome);
+    let report = Report::new(scenario, &outcome, &results).with_replay(replay.clone());
+    if args.json {
+        print(&report.json_string());
+        print("\n");
+    } else {
+        print(&report.text());
+    }
+    if let Some(path) = &args.plot {
+        write_plot(path, &report.svg())?;
+        let note = format!("plot        {}\n", path.display());
+        if args.json {
+            eprint!("{note}");
+        } else {
+            print(&note);
+        }
+    }
+    if report.passed() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        if args.json {
+            eprintln!(
+                "geostate simulate: FAIL: seed {seed}; replay: {}",
+                report.replay_command()
+            );
+        }
+        Ok(ExitCode::from(EXIT_FAILED))
+    }
+}
+
+/// What a sweep keeps of one seed's run.
+struct SeedResult {
+    seed: u64,
+    passed: bool,
+    line: String,
+    json: Value,
+    svg: Option<String>,
+}
+
+fn run_seed(scenario: &Scenario, replay: &Replay, seed: u64, keep_svg: bool) -> SeedResult {
+    match run(scenario, &RunOptions::new(seed)) {
+        Ok(outcome) => {
+            let results = checks::run_all(&outcome);
+            let report = Report::new(scenario, &outcome, &results).with_replay(replay.clone());
+            let passed = report.passed();
+            let failed: Vec<&str> = report.failed_checks().map(|c| c.name.as_str()).collect();
+            SeedResult {
+                seed,
+                passed,
+                line: report.summary_line(),
+                json: json!({
+                    "seed": seed,
+                    "passed": passed,
+                    "failed_checks": failed,
+                    "acknowledged": outcome.acked.len(),
+                    "convergence_ms": report.convergence_ms(),
+                    "trace_hash": format!("{:016x}", outcome.trace_hash),
+                    "replay": report.replay_command(),
+                }),
+                svg: (keep_svg || !passed).then(|| report.svg()),
+            }
+        }
+        Err(e) => SeedResult {
+            seed,
+            passed: false,
+            line: format!("seed {seed:<6} FAIL  {e}  replay: {}", replay.command(seed)),
+            json: json!({
+                "seed": seed,
+                "passed": false,
+                "error": e.to_string(),
+                "replay": replay.command(seed),
+            }),
+            svg: None,
+        },
+    }
+}
+
+fn sweep(
+    args: &SimulateArgs,
+    scenario: &Scenario,
+    replay: &Replay,
+    first: u64,
+    count: u64,
+) -> Result<ExitCode, UsageError> {
+    let end = first.checked_add(count).ok_or_else(|| {
+        UsageError(format!(
+            "--seed {first} with --seeds {count} runs past the largest seed"
+        ))
+    })?;
+    let workers = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(usize::try_from(count).unwrap_or(usize::MAX))
+        .max(1);
+    let next = AtomicU64::new(first);
+    let want_svg = args.plot.is_some();
+    let (tx, rx) = mpsc::channel::<SeedResult>();
+    let mut results: Vec<SeedResult> = Vec::new();
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let tx = tx.clone();
+            let next = &next;
+            scope.spawn(move || loop {
+                let seed = next.fetch_add(1, Ordering::Relaxed);
+                if seed >= end {
+                    break;
+                }
+                let result = run_seed(scenario, replay, seed, want_svg && seed == first);
+                if tx.send(result).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        // Print in seed order as results arrive.
+        let mut pending: BTreeMap<u64, SeedResult> = BTreeMap::new();
+        let mut expected = first;
+        for result in rx {
+            pending.insert(result.seed, result);
+            while let Some(result) = pending.remove(&expected) {
+                if !args.json {
+                    print(&format!("{}\n", result.line));
+                }
+                results.push(result);
+                expected += 1;
+            }
+        }
+        results.extend(pending.into_values());
+    });
+    let failed: Vec<&SeedResult> = results.iter().filter(|r| !r.passed).collect();
+    let passed = results.len() - failed.len();
+    if args.json {
+        let doc = json!({
+            "scenario": scenario.name,
+            "first_seed": first,
+            "seeds": count,
+            "passed": passed,
+            "failed": failed.len(),
+            "failed_seeds": failed.iter().map(|r| r.seed).collect::<Vec<_>>(),
+            "results": results.iter().map(|r| r.json.clone()).collect::<Vec<_>>(),
+        });
+        print(&serde_json::to_string_pretty(&doc).unwrap_or_default());
+        print("\n");
+    } else {
+        print(&format!(
+            "\nsweep       {}: {count} seeds from {first}: {passed} passed, {} failed\n",
+            scenario.name,
+            failed.len()
+        ));
+        for r in &failed {
+            print(&format!("replay      {}\n", replay.command(r.seed)));
+        }
+    }
+    if let Some(path) = &args.plot {
+        let chosen = failed
+            .iter()
+            .copied()
+            .find(|r| r.svg.is_some())
+            .or_else(|| results.iter().find(|r| r.seed == first));
+        match chosen.and_then(|r| r.svg.as_deref().map(|svg| (r.seed, svg))) {
+            Some((seed, svg)) => {
+                write_plot(path, svg)?;
+                let note = format!("plot        {} (seed {seed})\n", path.display());
+                if args.json {
+                    eprint!("{note}");
+                } else {
+                    print(&note);
+                }
+            }
+            None => eprintln!("geostate simulate: no run produced a plot"),
+        }
+    }
+    if failed.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        if args.json {
+            for r in &failed {
+                eprintln!(
+                    "geostate simulate: FAIL: seed {}; replay: {}",
+                    r.seed,
+                    replay.command(r.seed)
+                );
+            }
+        }
+        Ok(ExitCode::from(EXIT_FAILED))
+    }
+}

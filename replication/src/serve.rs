@@ -1,0 +1,246 @@
+//! The store-facing half of replication, shared by the async driver and the simulator:
+//! [`serve`] answers a peer's [`Request`] from the local store, and [`execute`] carries out a
+//! core's [`LocalOp`] on it.
+
+use geostate_backends::{BackendError, Key, StateBackend};
+use geostate_crdt::envelope::{self, Limits, Options};
+use geostate_crdt::Crdt;
+
+use crate::core::{LocalOp, LocalResult};
+use crate::wire::{Request, Response, WireEntry};
+
+/// Bounds on what one request may ask of the serving store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServeLimits {
+    /// Most feed entries per answer.
+    pub feed_entries_max: u32,
+    /// Most buckets per bucket request.
+    pub buckets_max: usize,
+    /// Most keys per states request or push.
+    pub keys_max: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        Self {
+            feed_entries_max: 4_096,
+            buckets_max: 4_096,
+            keys_max: 4_096,
+        }
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> Response {
+    Response::Failed {
+        reason: e.to_string(),
+    }
+}
+
+fn encode(value: &Crdt) -> Result<Vec<u8>, BackendError> {
+    envelope::encode(value, &Options::default()).map_err(BackendError::Crdt)
+}
+
+/// Answers a peer's request from `backend`. Store failures become [`Response::Failed`]; the
+/// peer retries later.
+pub async fn serve<B: StateBackend>(
+    backend: &B,
+    request: Request,
+    limits: &ServeLimits,
+) -> Response {
+    match serve_inner(backend, request, limits).await {
+        Ok(r) => r,
+        Err(e) => failed(e),
+    }
+}
+
+async fn serve_inner<B: StateBackend>(
+    backend: &B,
+    request: Request,
+    limits: &ServeLimits,
+) -> Result<Response, BackendError> {
+    Ok(match request {
+        Request::Heads => {
+            let mut last_seqs = Vec::with_capacity(usize::from(backend.layout().partitions()));
+            for partition in 0..backend.layout().partitions() {
+                last_seqs.push(backend.read_feed(partition, u64::MAX, 1).await?.last_seq);
+            }
+            Response::Heads { last_seqs }
+        }
+        Request::Feed {
+            partition,
+            after,
+            limit,
+        } => {
+            let limit = limit.clamp(1, limits.feed_entries_max);
+            let page = backend.read_feed(partition, after, limit as usize).await?;
+            let mut entries = Vec::with_capacity(page.entries.len());
+            for e in page.entries {
+                entries.push(WireEntry {
+                    seq: e.seq,
+                    key: e.key.as_str().to_string(),
+                    delta: encode(&e.delta)?,
+                    origin: e.origin,
+                    hlc: e.hlc,
+                });
+            }
+            Response::Feed {
+                entries,
+                first_seq: page.first_seq,
+                last_seq: page.last_seq,
+            }
+        }
+        Request::Digest { partition } => Response::Digest {
+            buckets: backend.digest(partition).await?.buckets().to_vec(),
+        },
+        Request::Buckets { partition, buckets } => {
+            if buckets.len() > limits.buckets_max {
+                return Ok(failed("too many buckets in one request"));
+            }
+            let mut entries = Vec::new();
+            for bucket in buckets {
+                for (key, hash) in backend.bucket_entries(partition, bucket).await? {
+                    entries.push((key.as_str().to_string(), hash));
+                }
+            }
+            entries.sort();
+            Response::Buckets { entries }
+        }
+        Request::States { keys } => {
+            if keys.len() > limits.keys_max {
+                return Ok(failed("too many keys in one request"));
+            }
+            let parsed: Vec<Key> = keys.iter().map(Key::new).collect::<Result<_, _>>()?;
+            let values = backend.get_many(&parsed).await?;
+            let mut states = Vec::with_capacity(keys.len());
+            for (key, value) in keys.into_iter().zip(values) {
+                // A value this store cannot read is not offered; the peer keeps its own.
+                let bytes = match value {
+                    Ok(Some(stored)) => Some(encode(&stored.value)?),
+                    Ok(None) | Err(_) => None,
+                };
+                states.push((key, bytes));
+            }
+            Response::States { states }
+        }
+        Request::Push { states } => {
+            if states.len() > limits.keys_max {
+                return Ok(failed("too many states in one push"));
+            }
+            merge_states(backend, states).await?;
+            Response::Pushed
+        }
+    })
+}
+
+/// What merging remote states or deltas did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct MergeCount {
+    merged: usize,
+}
+
+/// Merges `(key, envelope)` pairs. An envelope that does not decode aborts the batch (the
+/// sender retries; nothing corrupt is ever merged). A value whose type differs from the local
+/// one is skipped and logged: regions that wrote different types under one key keep their own
+/// (a known limitation: such keys do not converge).
+async fn merge_states<B: StateBackend>(
+    backend: &B,
+    states: Vec<(String, Vec<u8>)>,
+) -> Result<MergeCount, BackendError> {
+    let mut items = Vec::with_capacity(states.len());
+    for (key, bytes) in states {
+        let value = envelope::decode(&bytes, &Limits::default())?;
+        items.push((Key::new(key)?, value));
+    }
+    let mut count = MergeCount::default();
+    for ((key, _), outcome) in items.iter().zip(backend.merge_many(&items).await?) {
+        match outcome {
+            Ok(_) => count.merged += 1,
+            Err(BackendError::Crdt(geostate_crdt::Error::TypeMismatch { expected, found })) => {
+                tracing::warn!(key = key.as_str(), %expected, %found, "type conflict between regions: remote value skipped");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(count)
+}
+
+/// Carries out a core's local operation on `backend`. `peers` names the peers by index (their
+/// names key the cursors).
+pub async fn execute<B: StateBackend>(
+    backend: &B,
+    peers: &[String],
+    op: LocalOp,
+) -> Result<LocalResult, String> {
+    execute_inner(backend, peers, op)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn execute_inner<B: StateBackend>(
+    backend: &B,
+    peers: &[String],
+    op: LocalOp,
+) -> Result<LocalResult, BackendError> {
+    let partitions = backend.layout().partitions();
+    Ok(match op {
+        LocalOp::LoadCursors => {
+            let mut all = Vec::with_capacity(peers.len());
+            for peer in peers {
+                let mut per_partition = Vec::with_capacity(usize::from(partitions));
+                for partition in 0..partitions {
+                    per_partition.push(backend.cursor(peer, partition).await?);
+                }
+                all.push(per_partition);
+            }
+            LocalResult::Cursors(all)
+        }
+        LocalOp::ApplyFeed {
+            peer,
+            partition,
+            entries,
+            advance_to,
+        } => {
+            let name = peers.get(peer).ok_or_else(|| {
+                BackendError::InvalidArgument(format!("no peer with index {peer}"))
+            })?;
+            let states = entries.into_iter().map(|e| (e.key, e.delta)).collect();
+            merge_states(backend, states).await?;
+            // Only after every delta is merged: a crash before this line re-applies the page,
+            // which changes nothing.
+            backend.advance_cursor(name, partition, advance_to).await?;
+            LocalResult::Applied
+        }
+        LocalOp::Digest { partition } => {
+            LocalResult::Digest(backend.digest(partition).await?.buckets().to_vec())
+        }
+        LocalOp::Buckets { partition, buckets } => {
+            let mut entries = Vec::new();
+            for bucket in buckets {
+                for (key, hash) in backend.bucket_entries(partition, bucket).await? {
+                    entries.push((key.as_str().to_string(), hash));
+                }
+            }
+            entries.sort();
+            LocalResult::Buckets(entries)
+        }
+        LocalOp::States { keys } => {
+            let parsed: Vec<Key> = keys.iter().map(Key::new).collect::<Result<_, _>>()?;
+            let values = backend.get_many(&parsed).await?;
+            let mut states = Vec::with_capacity(keys.len());
+            for (key, value) in keys.into_iter().zip(values) {
+                let bytes = match value {
+                    Ok(Some(stored)) => Some(encode(&stored.value)?),
+                    Ok(None) | Err(_) => None,
+                };
+                states.push((key, bytes));
+            }
+            LocalResult::States(states)
+        }
+        LocalOp::MergeStates { states } => {
+            let count = merge_states(backend, states).await?;
+            LocalResult::Merged {
+                merged: count.merged,
+            }
+        }
+    })
+}

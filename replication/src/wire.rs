@@ -1,0 +1,149 @@
+//! The messages replicators exchange. A puller sends a [`Request`] to a peer, which answers
+//! from its own store with a [`Response`] (see [`crate::serve`]). These types are a wire
+//! format: their encoding is [`geostate_crdt::record`].
+
+use geostate_crdt::{ActorId, Hlc};
+use serde::{Deserialize, Serialize};
+
+/// What a puller asks a peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Request {
+    /// The newest feed sequence number of every partition (one number per partition).
+    Heads,
+    /// Feed entries of `partition` after `after`, at most `limit`.
+    Feed {
+        /// The partition.
+        partition: u16,
+        /// The puller's cursor: everything up to it has been applied (this doubles as the
+        /// puller's acknowledgement to the peer).
+        after: u64,
+        /// Most entries wanted.
+        limit: u32,
+    },
+    /// The bucket fingerprints of `partition`.
+    Digest {
+        /// The partition.
+        partition: u16,
+    },
+    /// The keys, with value hashes, of some buckets of `partition`.
+    Buckets {
+        /// The partition.
+        partition: u16,
+        /// The buckets.
+        buckets: Vec<u16>,
+    },
+    /// The full states of `keys`, as envelopes.
+    States {
+        /// The keys.
+        keys: Vec<String>,
+    },
+    /// Full states for the peer to merge (anti-entropy's push half).
+    Push {
+        /// `(key, envelope)` pairs.
+        states: Vec<(String, Vec<u8>)>,
+    },
+}
+
+/// One change-feed entry on the wire.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireEntry {
+    /// Sequence number in the origin's partition feed.
+    pub seq: u64,
+    /// The key written.
+    pub key: String,
+    /// The delta, as an envelope.
+    pub delta: Vec<u8>,
+    /// The writer.
+    pub origin: ActorId,
+    /// The write's timestamp.
+    pub hlc: Hlc,
+}
+
+/// A peer's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Response {
+    /// Newest feed sequence number per partition, indexed by partition.
+    Heads {
+        /// One per partition.
+        last_seqs: Vec<u64>,
+    },
+    /// A page of a partition's feed.
+    Feed {
+        /// Entries after the requested cursor, in order.
+        entries: Vec<WireEntry>,
+        /// Oldest sequence number the peer still holds.
+        first_seq: u64,
+        /// Newest sequence number the peer has written.
+        last_seq: u64,
+    },
+    /// Bucket fingerprints.
+    Digest {
+        /// One per bucket.
+        buckets: Vec<u64>,
+    },
+    /// `(key, value hash)` of the asked buckets, in key order.
+    Buckets {
+        /// The entries.
+        entries: Vec<(String, u64)>,
+    },
+    /// Full states; `None` for a key the peer does not hold (or cannot read).
+    States {
+        /// `(key, envelope)` pairs.
+        states: Vec<(String, Option<Vec<u8>>)>,
+    },
+    /// The pushed states were merged.
+    Pushed,
+    /// The peer could not answer (its store failed); the request may be retried.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Request {
+    /// Approximate size on the wire, in bytes (for accounting; no encoding is done).
+    pub fn wire_bytes(&self) -> usize {
+        1 + match self {
+            Request::Heads => 0,
+            Request::Feed { .. } => 2 + 8 + 4,
+            Request::Digest { .. } => 2,
+            Request::Buckets { buckets, .. } => 2 + 2 + 2 * buckets.len(),
+            Request::States { keys } => 2 + keys.iter().map(|k| 2 + k.len()).sum::<usize>(),
+            Request::Push { states } => {
+                2 + states
+                    .iter()
+                    .map(|(k, v)| 4 + k.len() + v.len())
+                    .sum::<usize>()
+            }
+        }
+    }
+}
+
+impl Response {
+    /// Approximate size on the wire, in bytes (for accounting; no encoding is done).
+    pub fn wire_bytes(&self) -> usize {
+        1 + match self {
+            Response::Heads { last_seqs } => 2 + 8 * last_seqs.len(),
+            Response::Feed { entries, .. } => {
+                16 + entries
+                    .iter()
+                    .map(|e| 8 + 2 + e.key.len() + 4 + e.delta.len() + 8 + 12)
+                    .sum::<usize>()
+            }
+            Response::Digest { buckets } => 2 + 8 * buckets.len(),
+            Response::Buckets { entries } => {
+                4 + entries.iter().map(|(k, _)| 2 + k.len() + 8).sum::<usize>()
+            }
+            Response::States { states } => {
+                4 + states
+                    .iter()
+                    .map(|(k, v)| 2 + k.len() + 4 + v.as_ref().map_or(0, Vec::len))
+                    .sum::<usize>()
+            }
+            Response::Pushed => 0,
+            Response::Failed { reason } => 2 + reason.len(),
+        }
+    }
+}
