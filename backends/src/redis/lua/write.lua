@@ -1,0 +1,51 @@
+-- Commits one write computed by the client from a snapshot (optimistic concurrency).
+-- KEYS: [1] value, [2] meta hash of the bucket, [3] key index (sorted set), [4] digest hash,
+--       [5] partition counters hash (v: version clock, s: last feed seq), [6] feed stream.
+-- ARGV: [1] key, [2] meta seen ('' when none), [3] length of the value seen (-1: no value),
+--       [4] last 4 bytes of the value seen, [5] new value bytes,
+--       [6] value hash .. entry hash of the new value (32 hex digits), [7] digest bucket,
+--       [8] '1' to append to the feed, [9] feed entries kept, [10] delta envelope,
+--       [11] origin actor, [12] HLC physical ms, [13] HLC logical, [14] commit token
+--       (16 hex digits, random per attempt).
+-- Returns {'ok', version, seq (0 when not fed)}, or {'race'} when the key changed since the
+-- snapshot (nothing written). A resend of a commit that already ran (a client that lost the
+-- reply and sent it again) finds its own token in the meta and returns the first outcome.
+local meta = redis.call('HGET', KEYS[2], ARGV[1]) or ''
+if meta ~= ARGV[2] then
+  local version, token, seq = string.match(meta, '^(%d+) (%x+) (%d+) ')
+  if token ~= nil and token == ARGV[14] then
+    return {'ok', version, seq}
+  end
+  return {'race'}
+end
+if ARGV[3] == '-1' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then
+    return {'race'}
+  end
+else
+  if redis.call('TYPE', KEYS[1])['ok'] ~= 'string' then
+    return {'race'}
+  end
+  if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[3]) then
+    return {'race'}
+  end
+  if redis.call('GETRANGE', KEYS[1], -4, -1) ~= ARGV[4] then
+    return {'race'}
+  end
+end
+local version = redis.call('HINCRBY', KEYS[5], 'v', 1)
+redis.call('SET', KEYS[1], ARGV[5])
+if meta ~= '' then
+  digest_toggle(KEYS[4], ARGV[7], meta_entry(meta))
+end
+digest_toggle(KEYS[4], ARGV[7], string.sub(ARGV[6], -16))
+local seq = 0
+if ARGV[8] == '1' then
+  seq = redis.call('HINCRBY', KEYS[5], 's', 1)
+  redis.call('XADD', KEYS[6], 'MAXLEN', ARGV[9], string.format('%d-0', seq),
+    'k', ARGV[1], 'd', ARGV[10], 'a', ARGV[11], 'p', ARGV[12], 'l', ARGV[13])
+end
+redis.call('HSET', KEYS[2], ARGV[1],
+  string.format('%d %s %d ', version, ARGV[14], seq) .. ARGV[6])
+redis.call('ZADD', KEYS[3], 0, ARGV[1])
+return {'ok', version, seq}

@@ -1,0 +1,1574 @@
+//! The Redis region store: standalone, Redis Cluster or Sentinel-watched (feature `redis`).
+//!
+//! Needs Redis 7.0 or newer (scripts declare their flags with a `#!lua` shebang, so the server
+//! refuses a write script before it runs when it is out of memory, rather than halfway).
+//!
+//! # Key layout
+//!
+//! Every key of partition `p` starts with the hash tag `{<prefix>p<p>}` (the prefix is
+//! [`RedisConfig::key_prefix`], `gs:` by default), so on Redis Cluster a partition lives in
+//! one slot and one Lua script can change a value, its feed entry and its digest atomically:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `{gs:p17}:v:<key>` | string | the value's envelope (`geostate_crdt::envelope`), nothing else |
+//! | `{gs:p17}:m:<bucket>` | hash | key -> `"<version> <commit token> <seq> <value hash><entry hash>"` for the keys of one digest bucket |
+//! | `{gs:p17}:i` | sorted set | the partition's keys, all scored 0, so `ZRANGEBYLEX` lists them in byte order |
+//! | `{gs:p17}:d` | hash | digest bucket -> fingerprint (16 hex digits; a missing bucket is 0) |
+//! | `{gs:p17}:n` | hash | `v`: the partition's version clock; `s`: its last feed sequence number |
+//! | `{gs:p17}:f` | stream | the change feed: entry `<seq>-0` with fields `k` key, `d` delta envelope, `a` origin actor, `p`/`l` HLC |
+//! | `{gs:p17}:c` | hash | origin region -> replication cursor |
+//! | `{gs:x}:cn`, `{gs:x}:cf` | string, stream | the conflict feed's counter and records (newest 100,000 kept) |
+//! | `{gs:x}:layout` | string | `"<partitions> <buckets>"`: a store with another layout refuses to connect |
+//!
+//! Versions come from the partition's clock, so they never repeat within a partition, even
+//! after a delete. Values are stored as envelopes, exactly the bytes `redis-cli GET` shows.
+//!
+//! # Write path
+//!
+//! Redis cannot run the CRDT code, so [`apply`](StateBackend::apply) is optimistic:
+//!
+//! 1. one read-only script returns the value's bytes and meta (version, hashes) atomically;
+//! 2. the client decodes them (undecodable bytes: [`BackendError::Corrupt`], nothing written),
+//!    checks the [`Expect`](crate::Expect) condition, computes the operation's delta from that
+//!    state, the new value, its size (limit: [`Layout::value_bytes_max`]) and its hashes;
+//! 3. one write script checks that the key still holds exactly what was read (the same meta,
+//!    hence version, and the same envelope length and checksum), then bumps the partition's
+//!    version clock, writes the envelope and meta, moves the key's entry in the digest bucket,
+//!    indexes the key, appends the feed entry with the partition's next sequence number,
+//!    trims the feed to [`Layout::feed_entries_max`] and returns version and seq;
+//!    The commit carries a random token that the meta records, so a commit that a driver
+//!    resends after losing its reply (the cluster client does) is recognised and answered
+//!    with its first outcome instead of being taken for a lost race and computed again;
+//! 4. if the key changed in between (another writer won the race), nothing was written: the
+//!    client waits a jittered, exponentially growing delay and starts again from 1, at most
+//!    [`ContentionConfig::attempts_max`] times, then fails with [`BackendError::Unavailable`]
+//!    ("nothing was written").
+//!
+//! Writes to one key from tasks of one process are also serialised by a striped local lock
+//! ([`ContentionConfig::local_key_locks`]) so that they do not race each other; writers in
+//! other processes are kept correct by step 3 alone. [`merge`](StateBackend::merge) takes the
+//! same path without a feed entry. The batch forms pipeline: reads of a batch travel together,
+//! then its commits, grouped by partition (one pipeline per partition on a cluster). Items on
+//! one key run in batch order; items of different keys that lose a race to another writer are
+//! committed after the batch's later items.
+//!
+//! # Failures and retries
+//!
+//! Reads, merges, deletes, cursor advances and feed trims are safe to repeat and are retried
+//! after transport errors with exponential backoff and full jitter ([`RetryConfig`]). A local
+//! write ([`apply`](StateBackend::apply), [`append_conflict`](StateBackend::append_conflict)) is
+//! retried only when the server certainly did not run it (refused connection, `READONLY`,
+//! `CLUSTERDOWN`, `TRYAGAIN`, `MASTERDOWN`, `LOADING`, unknown script). When the reply is lost
+//! (timeout, dropped connection) the caller gets [`BackendError::Unavailable`] whose message
+//! says the write **may or may not have taken effect**: it must read the key (or the feed) to
+//! find out before writing again, since a counter increment repeated blindly counts twice.
+//!
+//! A circuit breaker ([`BreakerConfig`]) opens after consecutive transport failures; while it
+//! is open every operation fails at once with `Unavailable` ("nothing was written"); after the
+//! open period one operation probes the store and closes the breaker if it succeeds.
+//!
+//! # Durability
+//!
+//! - [`Durability::Primary`] (default): a write is acknowledged once the primary applied it.
+//!   Redis replicates asynchronously, so a failover (Sentinel or Cluster) can lose writes
+//!   acknowledged shortly before it; persistence is whatever the server's RDB/AOF settings
+//!   give (`appendfsync always` for fsync per write).
+//! - [`Durability::Wait`]: each write is followed by `WAIT n timeout`; it is acknowledged only
+//!   when `n` replicas have it, otherwise the caller gets `Unavailable` (the primary has it;
+//!   a failover may or may not keep it). This narrows the loss window to writes whose `WAIT`
+//!   failed, but it is not consensus: Sentinel or Cluster may still promote a replica that
+//!   missed a write, and `WAIT` says nothing about fsync.
+//!
+//! In every mode a store failover keeps what the new primary holds: geostate never rewrites a
+//! value it did not read, so no write the store kept is lost by this client.
+//!
+//! # Modes
+//!
+//! - standalone: one multiplexed connection with automatic reconnection;
+//! - Cluster: the cluster client follows `MOVED`/`ASK` and topology changes; requests of
+//!   different partitions go to their slots' primaries concurrently;
+//! - Sentinel: the master is found through the sentinels; after a connection error or a
+//!   `READONLY` reply (the old master came back as a replica) the client asks again and
+//!   reconnects (redis-rs does not follow failovers by itself).
+//!
+//! ```no_run
+//! use geostate_backends::redis::{RedisBackend, RedisConfig};
+//! use geostate_backends::{Expect, Key, LocalWrite, StateBackend};
+//! use geostate_crdt::{ActorId, CounterOp, Hlc, Op};
+//!
+//! # async fn demo() -> Result<(), geostate_backends::BackendError> {
+//! let store = RedisBackend::connect(RedisConfig::standalone("redis://127.0.0.1:6379/")).await?;
+//! let key = Key::new("visits")?;
+//! let receipt = store
+//!     .apply(LocalWrite {
+//!         key: key.clone(),
+//!         op: Op::from(CounterOp::inc(1)),
+//!         actor: ActorId::new(7),
+//!         hlc: Hlc::new(1_700_000_000_000, 0),
+//!         expect: Expect::Any,
+//!     })
+//!     .await?;
+//! let feed = store.read_feed(receipt.partition, 0, 100).await?;
+//! assert_eq!(feed.last_seq, receipt.seq.unwrap_or_default());
+//! # Ok(()) }
+//! ```
+
+mod breaker;
+mod config;
+mod conn;
+mod names;
+mod stats;
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use geostate_crdt::{envelope, ActorId, Crdt, Hlc, TypeTag};
+use redis::Value;
+
+pub use breaker::BreakerState;
+pub use config::{
+    BreakerConfig, ContentionConfig, Durability, RedisConfig, RedisMode, RetryConfig,
+    KEY_PREFIX_BYTES_MAX,
+};
+pub use stats::{RedisStats, StatsHandle};
+
+use conn::{Conn, Failure, Group, Lua, Req, Safety};
+use names::Names;
+
+use crate::digest::entry_hash;
+use crate::{
+    fnv1a64, BackendError, FeedEntry, FeedPage, Key, Layout, LocalWrite, PartitionDigest, Receipt,
+    ScanItem, ScanPage, StateBackend, Stored, PAGE_LIMIT_MAX,
+};
+
+/// Conflict records kept; older ones are dropped first.
+pub const CONFLICTS_MAX: usize = 100_000;
+
+/// Most items of a batch whose reads and commits travel together.
+const WAVE_ITEMS_MAX: usize = 512;
+
+/// Stripes of the local per-key write lock.
+const LOCK_STRIPES: usize = 1024;
+
+/// Keys deleted per script call by [`RedisBackend::purge`].
+const PURGE_BATCH: usize = 500;
+
+/// The group id of the conflict feed's slot (partitions are below 4096).
+const GLOBAL_GROUP: u32 = u32::MAX;
+
+struct Scripts {
+    read: Arc<Lua>,
+    write: Arc<Lua>,
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    raw_put: Arc<Lua>,
+    delete: Arc<Lua>,
+    read_feed: Arc<Lua>,
+    advance_cursor: Arc<Lua>,
+    append_conflict: Arc<Lua>,
+    purge: Arc<Lua>,
+    version: Arc<Lua>,
+}
+
+macro_rules! write_script {
+    ($file:literal) => {
+        concat!(
+            "#!lua\n",
+            include_str!("lua/common.lua"),
+            include_str!($file)
+        )
+    };
+}
+
+macro_rules! read_script {
+    ($file:literal) => {
+        concat!("#!lua flags=no-writes\n", include_str!($file))
+    };
+}
+
+impl Scripts {
+    fn new() -> Self {
+        let lua = |name, body| Arc::new(Lua::new(name, body));
+        Self {
+            read: lua("read", read_script!("lua/read.lua")),
+            write: lua("write", write_script!("lua/write.lua")),
+            raw_put: lua("raw_put", write_script!("lua/raw_put.lua")),
+            delete: lua("delete", write_script!("lua/delete.lua")),
+            read_feed: lua("read_feed", read_script!("lua/read_feed.lua")),
+            advance_cursor: lua("advance_cursor", write_script!("lua/advance_cursor.lua")),
+            append_conflict: lua("append_conflict", write_script!("lua/append_conflict.lua")),
+            purge: lua("purge", write_script!("lua/purge.lua")),
+            version: lua(
+                "version",
+                "#!lua flags=no-writes\nreturn redis.REDIS_VERSION",
+            ),
+        }
+    }
+}
+
+/// A region store kept in Redis. See the [module docs](self) for the layout, the write path
+/// and what each durability mode promises. Cheap to share behind an `Arc`; all methods take
+/// `&self`.
+pub struct RedisBackend {
+    layout: Layout,
+    names: Names,
+    conn: Conn,
+    scripts: Scripts,
+    contention: ContentionConfig,
+    locks: Option<Box<[tokio::sync::Mutex<()>]>>,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("layout", &self.layout)
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The meta of a key: its version and hashes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Meta {
+    version: u64,
+    value_hash: u64,
+}
+
+/// A key as read in one atomic step.
+#[derive(Debug)]
+struct Snapshot {
+    content: Content,
+    /// The meta string exactly as stored (the commit checks it is unchanged).
+    meta_raw: Option<Vec<u8>>,
+    meta: Option<Meta>,
+}
+
+#[derive(Debug)]
+enum Content {
+    Absent,
+    Bytes(Vec<u8>),
+    /// A Redis value of another type than string: not ours, treated as corrupt.
+    Foreign,
+}
+
+impl Snapshot {
+    /// The decoded value and its version, or why it cannot be used.
+    fn value(&self, key: &Key) -> Result<Option<(Crdt, u64)>, BackendError> {
+        let version = self.meta.map_or(0, |m| m.version);
+        match &self.content {
+            Content::Absent => Ok(None),
+            Content::Foreign => Err(BackendError::Corrupt {
+                key: key.to_string(),
+                source: geostate_crdt::Error::Payload(
+                    "the Redis key holds another data type than a string".into(),
+                ),
+            }),
+            Content::Bytes(bytes) => match envelope::decode(bytes, &envelope::Limits::default()) {
+                Ok(value) => Ok(Some((value, version))),
+                Err(source) => Err(BackendError::Corrupt {
+                    key: key.to_string(),
+                    source,
+                }),
+            },
+        }
+    }
+
+    /// The arguments by which the write script recognises this snapshot: the meta, the value's
+    /// length (-1: none) and its last four bytes (the envelope's checksum).
+    fn guard(&self) -> [Vec<u8>; 3] {
+        let meta = self.meta_raw.clone().unwrap_or_default();
+        match &self.content {
+            Content::Bytes(bytes) => {
+                let tail = bytes[bytes.len().saturating_sub(4)..].to_vec();
+                [meta, bytes.len().to_string().into_bytes(), tail]
+            }
+            // A foreign value never gets here (it is reported corrupt); absent is -1.
+            Content::Absent | Content::Foreign => [meta, b"-1".to_vec(), Vec::new()],
+        }
+    }
+}
+
+/// One item of a batch of writes.
+enum Item {
+    Apply(LocalWrite),
+    Merge(Key, Crdt),
+}
+
+impl Item {
+    fn key(&self) -> &Key {
+        match self {
+            Item::Apply(w) => &w.key,
+            Item::Merge(k, _) => k,
+        }
+    }
+}
+
+/// A write computed from a snapshot, ready to commit.
+struct Commit {
+    value: Vec<u8>,
+    hashes: String,
+    delta: Crdt,
+    feed: Option<Vec<u8>>,
+    actor: ActorId,
+    hlc: Hlc,
+}
+
+enum Plan {
+    /// Nothing to write (a no-op): the receipt is final.
+    Done(Receipt),
+    Commit(Commit),
+}
+
+fn unexpected(what: &str, value: &Value) -> BackendError {
+    let mut shown = format!("{value:?}");
+    shown.truncate(200);
+    BackendError::Unavailable(format!("redis {what}: unexpected reply {shown}"))
+}
+
+fn bytes_of(value: &Value) -> Option<&[u8]> {
+    match value {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn int_of(value: &Value) -> Option<u64> {
+    match value {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// The pairs of a `HGETALL` reply (RESP2 flat array or RESP3 map).
+fn pairs(value: &Value) -> Option<Vec<(&[u8], &[u8])>> {
+    match value {
+        Value::Array(items) => items
+            .chunks(2)
+            .map(|c| match c {
+                [k, v] => Some((bytes_of(k)?, bytes_of(v)?)),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(items) => items
+            .iter()
+            .map(|(k, v)| Some((bytes_of(k)?, bytes_of(v)?)))
+            .collect(),
+        Value::Nil => Some(Vec::new()),
+        _ => None,
+    }
+}
+
+/// A server error in a reply, as the caller sees it.
+fn server_error(value: &Value, what: &str, writes: bool) -> Option<BackendError> {
+    let Value::ServerError(e) = value else {
+        return None;
+    };
+    let refused = matches!(
+        e.kind(),
+        Some(
+            redis::ServerErrorKind::ReadOnly
+                | redis::ServerErrorKind::ClusterDown
+                | redis::ServerErrorKind::TryAgain
+                | redis::ServerErrorKind::MasterDown
+                | redis::ServerErrorKind::BusyLoading
+        )
+    );
+    let detail = format!("{} {}", e.code(), e.details().unwrap_or_default());
+    Some(BackendError::Unavailable(if refused {
+        format!("redis refused {what}: {detail}; nothing was written")
+    } else if writes {
+        format!("redis {what} failed: {detail}; the operation may or may not have taken effect")
+    } else {
+        format!("redis {what} failed: {detail}")
+    }))
+}
+
+fn parse_meta(raw: &[u8]) -> Option<Meta> {
+    let text = std::str::from_utf8(raw).ok()?;
+    let mut fields = text.split(' ');
+    let (version, _token, _seq, hashes) = (
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+    );
+    if hashes.len() != 32 || fields.next().is_some() {
+        return None;
+    }
+    Some(Meta {
+        version: version.parse().ok()?,
+        value_hash: u64::from_str_radix(&hashes[..16], 16).ok()?,
+    })
+}
+
+fn hashes_hex(key: &Key, value_hash: u64) -> String {
+    format!("{value_hash:016x}{:016x}", entry_hash(key, value_hash))
+}
+
+fn page_limit(limit: usize) -> Result<usize, BackendError> {
+    if limit == 0 {
+        return Err(BackendError::InvalidArgument(
+            "limit must be positive".into(),
+        ));
+    }
+    Ok(limit.min(PAGE_LIMIT_MAX))
+}
+
+fn check_origin(origin: &str) -> Result<(), BackendError> {
+    if origin.is_empty() || origin.len() > 64 || origin.chars().any(char::is_control) {
+        return Err(BackendError::InvalidArgument(format!(
+            "invalid origin region name {origin:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Parses a stream id `<seq>-0`.
+fn stream_seq(id: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(id).ok()?;
+    text.split_once('-')?.0.parse().ok()
+}
+
+/// Encodes `value` and computes its canonical payload length and value hash (from the
+/// envelope itself when it is not compressed).
+fn encode_value(key: &Key, value: &Crdt, limit: usize) -> Result<(Vec<u8>, u64), BackendError> {
+    let too_large = |size| BackendError::ValueTooLarge {
+        key: key.to_string(),
+        size,
+        limit,
+    };
+    let bytes = match envelope::encode(value, &envelope::Options::default()) {
+        Ok(bytes) => bytes,
+        Err(geostate_crdt::Error::TooLarge { size, .. }) => return Err(too_large(size)),
+        Err(e) => return Err(e.into()),
+    };
+    let compressed = bytes
+        .get(6)
+        .is_some_and(|flags| flags & envelope::FLAG_COMPRESSED != 0);
+    let (len, hash) = if compressed {
+        let payload = envelope::canonical_payload(value)?;
+        (payload.len(), fnv1a64(&payload))
+    } else {
+        let payload = &bytes[envelope::HEADER_LEN..bytes.len() - envelope::TRAILER_LEN];
+        (payload.len(), fnv1a64(payload))
+    };
+    if len > limit {
+        return Err(too_large(len));
+    }
+    Ok((bytes, hash))
+}
+
+/// Computes what an item writes, from a snapshot of its key.
+fn plan(layout: &Layout, item: &Item, snapshot: &Snapshot) -> Result<Plan, BackendError> {
+    let limit = layout.value_bytes_max();
+    match item {
+        Item::Apply(write) => {
+            let key = &write.key;
+            let partition = layout.partition_of(key);
+            let current = snapshot.value(key)?;
+            write.expect.check(key, current.as_ref().map(|(_, v)| *v))?;
+            let (state, version) = match (current, write.op.type_tag()) {
+                (Some((value, version)), _) => (value, version),
+                (None, Some(tag)) => (Crdt::empty(tag), 0),
+                // A deletion of a key that holds nothing changes nothing.
+                (None, None) => {
+                    return Ok(Plan::Done(Receipt {
+                        partition,
+                        version: 0,
+                        seq: None,
+                        delta: Crdt::empty(TypeTag::GCounter),
+                    }))
+                }
+            };
+            let delta = state.apply(write.actor, write.hlc, &write.op)?;
+            if delta.context().is_empty() {
+                return Ok(Plan::Done(Receipt {
+                    partition,
+                    version,
+                    seq: None,
+                    delta,
+                }));
+            }
+            let delta_len = envelope::payload_len(&delta)?;
+            if delta_len > limit {
+                return Err(BackendError::ValueTooLarge {
+                    key: key.to_string(),
+                    size: delta_len,
+                    limit,
+                });
+            }
+            let mut value = state;
+            value.merge(&delta)?;
+            let (bytes, hash) = encode_value(key, &value, limit)?;
+            let fed = envelope::encode(&delta, &envelope::Options::default())?;
+            Ok(Plan::Commit(Commit {
+                value: bytes,
+                hashes: hashes_hex(key, hash),
+                delta,
+                feed: Some(fed),
+                actor: write.actor,
+                hlc: write.hlc,
+            }))
+        }
+        Item::Merge(key, delta) => {
+            let current = snapshot.value(key)?;
+            let delta_len = envelope::payload_len(delta)?;
+            if delta_len > limit {
+                return Err(BackendError::ValueTooLarge {
+                    key: key.to_string(),
+                    size: delta_len,
+                    limit,
+                });
+            }
+            // Into an absent key, join with the empty value rather than storing the delta as
+            // is: a removal delta's empty entries are not elements.
+            let mut value = match current {
+                Some((value, _)) => value,
+                None => Crdt::empty(delta.type_tag()),
+            };
+            value.merge(delta)?;
+            let (bytes, hash) = encode_value(key, &value, limit)?;
+            Ok(Plan::Commit(Commit {
+                value: bytes,
+                hashes: hashes_hex(key, hash),
+                delta: delta.clone(),
+                feed: None,
+                actor: ActorId::new(0),
+                hlc: Hlc::ZERO,
+            }))
+        }
+    }
+}
+
+/// The outcome of one commit script.
+enum Committed {
+    Written { version: u64, seq: u64 },
+    Race,
+}
+
+impl RedisBackend {
+    /// Connects to the store `config` names, checks the server (Redis 7.0 or newer) and the
+    /// namespace's layout (the first store to use a key prefix fixes its partition and bucket
+    /// counts; a store with other counts is refused with [`BackendError::InvalidArgument`]).
+    /// An unreachable store is [`BackendError::Unavailable`].
+    pub async fn connect(config: RedisConfig) -> Result<Self, BackendError> {
+        config.validate()?;
+        let conn = Conn::connect(&config).await?;
+        let locks = config.contention.local_key_locks.then(|| {
+            (0..LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect::<Vec<_>>()
+                .into_boxed_slice()
+        });
+        let backend = Self {
+            layout: config.layout.clone(),
+            names: Names::new(&config.key_prefix),
+            conn,
+            scripts: Scripts::new(),
+            contention: config.contention.clone(),
+            locks,
+        };
+        backend.check_server().await?;
+        Ok(backend)
+    }
+
+    /// Checks the server version and fixes or verifies the namespace's layout.
+    async fn check_server(&self) -> Result<(), BackendError> {
+        let version = self
+            .run_one(
+                GLOBAL_GROUP,
+                Req::script(&self.scripts.version, vec![self.names.layout()], vec![]),
+                false,
+                Safety::Idempotent,
+            )
+            .await
+            .map_err(|e| {
+                BackendError::Unavailable(format!(
+                    "the Redis store needs Redis 7.0 or newer with Lua scripting: {e}"
+                ))
+            })?;
+        let major = bytes_of(&version)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|v| v.split('.').next())
+            .and_then(|m| m.parse::<u32>().ok())
+            .unwrap_or(0);
+        if major < 7 {
+            return Err(BackendError::Unavailable(format!(
+                "the Redis store needs Redis 7.0 or newer, the server runs {version:?}"
+            )));
+        }
+        let wanted = format!("{} {}", self.layout.partitions(), self.layout.buckets());
+        let mut set = redis::cmd("SET");
+        set.arg(self.names.layout())
+            .arg(&wanted)
+            .arg("NX")
+            .arg("GET");
+        let previous = self
+            // Not `writes`: the record needs no WAIT (a store that finds it lost writes it again).
+            .run_one(GLOBAL_GROUP, Req::Cmd(set), false, Safety::Idempotent)
+            .await?;
+        match bytes_of(&previous) {
+            None => Ok(()),
+            Some(found) if found == wanted.as_bytes() => Ok(()),
+            Some(found) => Err(BackendError::InvalidArgument(format!(
+                "key prefix {:?} is laid out with \"{}\" (partitions buckets), this store with \
+                 \"{wanted}\"",
+                self.names.tag(0),
+                String::from_utf8_lossy(found)
+            ))),
+        }
+    }
+
+    /// Round-trip time of a `PING` (to every node of a cluster), bypassing the circuit
+    /// breaker: for health checks.
+    pub async fn ping(&self) -> Result<Duration, BackendError> {
+        self.conn.ping().await
+    }
+
+    /// The circuit breaker's state.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.conn.breaker.state()
+    }
+
+    /// What the store did since it connected (commits, lost races, retries, breaker trips).
+    pub fn stats(&self) -> RedisStats {
+        self.stats_handle().snapshot()
+    }
+
+    /// A handle on this store's counters and breaker state that may outlive the store.
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle {
+            counters: Arc::clone(&self.conn.counters),
+            breaker: Arc::clone(&self.conn.breaker),
+        }
+    }
+
+    /// Deletes every Redis key of this store's namespace that the store knows of (the values
+    /// in its key indexes, the metas, digests, counters, feeds, cursors, the conflict feed and
+    /// the layout record); returns how many. Keys written under the prefix by other clients
+    /// and never indexed are left alone. Not atomic: concurrent writers may leave keys behind.
+    pub async fn purge(&self) -> Result<u64, BackendError> {
+        let mut deleted = 0u64;
+        let mut dirty: Vec<u16> = (0..self.layout.partitions()).collect();
+        while !dirty.is_empty() {
+            let reqs = dirty
+                .iter()
+                .map(|&p| {
+                    let mut keys = vec![self.names.index(p)];
+                    keys.extend((0..self.layout.buckets()).map(|b| self.names.meta(p, b)));
+                    keys.extend([
+                        self.names.digest(p),
+                        self.names.counters(p),
+                        self.names.feed(p),
+                        self.names.cursors(p),
+                    ]);
+                    let args = vec![
+                        PURGE_BATCH.to_string().into_bytes(),
+                        self.names.value_prefix(p),
+                    ];
+                    (u32::from(p), Req::script(&self.scripts.purge, keys, args))
+                })
+                .collect();
+            let replies = self.run_each(reqs, true, Safety::Idempotent).await;
+            let mut still = Vec::new();
+            for (&p, reply) in dirty.iter().zip(replies) {
+                let reply = reply?;
+                let n = int_of(&reply).ok_or_else(|| unexpected("purge", &reply))?;
+                if n > 0 {
+                    deleted += n;
+                    still.push(p);
+                }
+            }
+            dirty = still;
+        }
+        let mut del = redis::cmd("DEL");
+        del.arg(self.names.conflict_counter())
+            .arg(self.names.conflict_feed())
+            .arg(self.names.layout());
+        let reply = self
+            .run_one(GLOBAL_GROUP, Req::Cmd(del), true, Safety::Idempotent)
+            .await?;
+        Ok(deleted + int_of(&reply).unwrap_or(0))
+    }
+
+    /// Runs requests (each tagged with its slot group), pipelined per group, and returns each
+    /// request's reply in order.
+    async fn run_each(
+        &self,
+        reqs: Vec<(u32, Req)>,
+        writes: bool,
+        safety: Safety,
+    ) -> Vec<Result<Value, BackendError>> {
+        let n = reqs.len();
+        let mut groups: BTreeMap<u32, (Group, Vec<usize>)> = BTreeMap::new();
+        for (i, (id, req)) in reqs.into_iter().enumerate() {
+            let (group, members) = groups.entry(id).or_insert_with(|| {
+                (
+                    Group {
+                        reqs: Vec::new(),
+                        writes,
+                    },
+                    Vec::new(),
+                )
+            });
+            group.reqs.push(req);
+            members.push(i);
+        }
+        let (groups, members): (Vec<Group>, Vec<Vec<usize>>) = groups.into_values().unzip();
+        let replies = self.conn.run(groups, safety).await;
+        let mut out: Vec<Result<Value, BackendError>> = (0..n)
+            .map(|_| {
+                Err(BackendError::Unavailable(
+                    "redis returned too few replies".into(),
+                ))
+            })
+            .collect();
+        for (members, replies) in members.into_iter().zip(replies) {
+            match replies {
+                Ok(values) => {
+                    for (i, value) in members.into_iter().zip(values) {
+                        out[i] = Ok(value);
+                    }
+                }
+                Err(failure) => {
+                    let error = Failure::into_error(failure);
+                    for i in members {
+                        out[i] = Err(error.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    async fn run_one(
+        &self,
+        group: u32,
+        req: Req,
+        writes: bool,
+        safety: Safety,
+    ) -> Result<Value, BackendError> {
+        let name = match &req {
+            Req::Script { lua, .. } => lua.name,
+            Req::Cmd(_) => "command",
+        };
+        let reply = self
+            .run_each(vec![(group, req)], writes, safety)
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(BackendError::Unavailable("redis returned no reply".into())))?;
+        match server_error(&reply, name, writes) {
+            Some(e) => Err(e),
+            None => Ok(reply),
+        }
+    }
+
+    /// Reads the snapshots of `keys`, pipelined.
+    async fn snapshots(&self, keys: &[&Key]) -> Vec<Result<Snapshot, BackendError>> {
+        let reqs = keys
+            .iter()
+            .map(|key| {
+                let p = self.layout.partition_of(key);
+                let b = self.layout.bucket_of(key);
+                let req = Req::script(
+                    &self.scripts.read,
+                    vec![self.names.value(p, key), self.names.meta(p, b)],
+                    vec![key.as_str().as_bytes().to_vec()],
+                );
+                (u32::from(p), req)
+            })
+            .collect();
+        self.run_each(reqs, false, Safety::Idempotent)
+            .await
+            .into_iter()
+            .map(|reply| {
+                let reply = reply?;
+                if let Some(e) = server_error(&reply, "read", false) {
+                    return Err(e);
+                }
+                let Value::Array(parts) = &reply else {
+                    return Err(unexpected("read", &reply));
+                };
+                let [kind, bytes, meta] = parts.as_slice() else {
+                    return Err(unexpected("read", &reply));
+                };
+                let content = match (int_of(kind), bytes) {
+                    (Some(0), _) => Content::Absent,
+                    (Some(1), Value::BulkString(b)) => Content::Bytes(b.clone()),
+                    (Some(2), _) => Content::Foreign,
+                    _ => return Err(unexpected("read", &reply)),
+                };
+                let meta_raw = bytes_of(meta).map(<[u8]>::to_vec);
+                let meta = meta_raw.as_deref().and_then(parse_meta);
+                Ok(Snapshot {
+                    content,
+                    meta_raw,
+                    meta,
+                })
+            })
+            .collect()
+    }
+
+    async fn get_values(&self, keys: &[&Key]) -> Vec<Result<Option<Stored>, BackendError>> {
+        self.snapshots(keys)
+            .await
+            .into_iter()
+            .zip(keys)
+            .map(|(snapshot, key)| {
+                Ok(snapshot?
+                    .value(key)?
+                    .map(|(value, version)| Stored { value, version }))
+            })
+            .collect()
+    }
+
+    /// Locks the local write stripes of `keys` (in stripe order, so batches never deadlock).
+    async fn lock_keys(&self, keys: &[&Key]) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let Some(locks) = &self.locks else {
+            return Vec::new();
+        };
+        let mut stripes: Vec<usize> = keys
+            .iter()
+            .map(|k| (fnv1a64(k.as_str().as_bytes()).rotate_left(17) as usize) % locks.len())
+            .collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut guards = Vec::with_capacity(stripes.len());
+        for s in stripes {
+            guards.push(locks[s].lock().await);
+        }
+        guards
+    }
+
+    /// Runs a batch of writes: contiguous waves of distinct keys, each wave read together and
+    /// committed together.
+    async fn execute(&self, items: Vec<Item>) -> Vec<Result<Receipt, BackendError>> {
+        let n = items.len();
+        let mut out: Vec<Option<Result<Receipt, BackendError>>> = (0..n).map(|_| None).collect();
+        for (i, item) in items.iter().enumerate() {
+            if let Item::Merge(_, delta) = item {
+                if !delta.is_well_formed() {
+                    out[i] = Some(Err(BackendError::Crdt(geostate_crdt::Error::Payload(
+                        "delta violates its invariants".into(),
+                    ))));
+                }
+            }
+        }
+        let mut start = 0;
+        while start < n {
+            let mut seen: HashSet<&Key> = HashSet::new();
+            let mut end = start;
+            while end < n && end - start < WAVE_ITEMS_MAX && seen.insert(items[end].key()) {
+                end += 1;
+            }
+            self.run_wave(&items[start..end], &mut out[start..end])
+                .await;
+            start = end;
+        }
+        out.into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(BackendError::Unavailable(
+                        "internal: a batch item got no outcome".into(),
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    async fn run_wave(&self, items: &[Item], out: &mut [Option<Result<Receipt, BackendError>>]) {
+        let keys: Vec<&Key> = items.iter().map(Item::key).collect();
+        let _guards = self.lock_keys(&keys).await;
+        let mut pending: Vec<usize> = (0..items.len()).filter(|&i| out[i].is_none()).collect();
+        let mut attempt: u32 = 0;
+        while !pending.is_empty() {
+            attempt += 1;
+            let keys: Vec<&Key> = pending.iter().map(|&i| items[i].key()).collect();
+            let snapshots = self.snapshots(&keys).await;
+            let mut commits: Vec<(usize, Commit, Snapshot)> = Vec::new();
+            for (&i, snapshot) in pending.iter().zip(snapshots) {
+                let planned = snapshot.and_then(|s| Ok((plan(&self.layout, &items[i], &s)?, s)));
+                match planned {
+                    Err(e) => out[i] = Some(Err(e)),
+                    Ok((Plan::Done(receipt), _)) => out[i] = Some(Ok(receipt)),
+                    Ok((Plan::Commit(commit), s)) => commits.push((i, commit, s)),
+                }
+            }
+            let once = commits
+                .iter()
+                .any(|(i, _, _)| matches!(items[*i], Item::Apply(_)));
+            let reqs = commits
+                .iter()
+                .map(|(i, commit, snapshot)| self.commit_req(items[*i].key(), commit, snapshot))
+                .collect();
+            let safety = if once {
+                Safety::Once
+            } else {
+                Safety::Idempotent
+            };
+            let replies = self.run_each(reqs, true, safety).await;
+            let mut raced = Vec::new();
+            for ((i, commit, _), reply) in commits.into_iter().zip(replies) {
+                let key = items[i].key();
+                match reply.and_then(|v| parse_commit(&v)) {
+                    Ok(Committed::Written { version, seq }) => {
+                        self.conn.counters.commits.fetch_add(1, Ordering::Relaxed);
+                        out[i] = Some(Ok(Receipt {
+                            partition: self.layout.partition_of(key),
+                            version,
+                            seq: commit.feed.is_some().then_some(seq),
+                            delta: commit.delta,
+                        }));
+                    }
+                    Ok(Committed::Race) => raced.push(i),
+                    Err(e) => out[i] = Some(Err(e)),
+                }
+            }
+            if raced.is_empty() {
+                break;
+            }
+            let counters = &self.conn.counters;
+            counters
+                .races
+                .fetch_add(raced.len() as u64, Ordering::Relaxed);
+            if attempt >= self.contention.attempts_max {
+                for i in raced {
+                    counters.gave_up.fetch_add(1, Ordering::Relaxed);
+                    out[i] = Some(Err(BackendError::Unavailable(format!(
+                        "key {:?} changed under {attempt} attempts in a row (write contention); \
+                         gave up, nothing was written",
+                        items[i].key().as_str()
+                    ))));
+                }
+                break;
+            }
+            tokio::time::sleep(self.conn.backoff(
+                attempt,
+                self.contention.backoff_min,
+                self.contention.backoff_max,
+            ))
+            .await;
+            pending = raced;
+        }
+    }
+
+    fn commit_req(&self, key: &Key, commit: &Commit, snapshot: &Snapshot) -> (u32, Req) {
+        let p = self.layout.partition_of(key);
+        let b = self.layout.bucket_of(key);
+        let [meta, len, tail] = snapshot.guard();
+        let keys = vec![
+            self.names.value(p, key),
+            self.names.meta(p, b),
+            self.names.index(p),
+            self.names.digest(p),
+            self.names.counters(p),
+            self.names.feed(p),
+        ];
+        let args = vec![
+            key.as_str().as_bytes().to_vec(),
+            meta,
+            len,
+            tail,
+            commit.value.clone(),
+            commit.hashes.clone().into_bytes(),
+            b.to_string().into_bytes(),
+            if commit.feed.is_some() { b"1" } else { b"0" }.to_vec(),
+            self.layout.feed_entries_max().to_string().into_bytes(),
+            commit.feed.clone().unwrap_or_default(),
+            commit.actor.get().to_string().into_bytes(),
+            commit.hlc.physical_ms().to_string().into_bytes(),
+            commit.hlc.logical().to_string().into_bytes(),
+            format!("{:016x}", self.conn.token()).into_bytes(),
+        ];
+        (u32::from(p), Req::script(&self.scripts.write, keys, args))
+    }
+
+    /// The keys of each partition's index in `(min, max)` (ZRANGEBYLEX bounds), merged in key
+    /// order, at most `want`. Returns the keys and whether more remain.
+    async fn scan_keys(
+        &self,
+        min: &[u8],
+        max: &[u8],
+        want: usize,
+    ) -> Result<(Vec<String>, bool), BackendError> {
+        struct Cursor {
+            partition: u16,
+            buffered: VecDeque<String>,
+            next_min: Vec<u8>,
+            done: bool,
+        }
+        let partitions = usize::from(self.layout.partitions());
+        let mut chunk = (want / partitions)
+            .saturating_mul(2)
+            .saturating_add(8)
+            .min(want + 1);
+        let mut cursors: Vec<Cursor> = (0..self.layout.partitions())
+            .map(|partition| Cursor {
+                partition,
+                buffered: VecDeque::new(),
+                next_min: min.to_vec(),
+                done: false,
+            })
+            .collect();
+        let mut keys: Vec<String> = Vec::new();
+        loop {
+            // Refill every cursor that is empty but not exhausted.
+            let refill: Vec<usize> = cursors
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.buffered.is_empty() && !c.done)
+                .map(|(i, _)| i)
+                .collect();
+            if !refill.is_empty() {
+                let reqs = refill
+                    .iter()
+                    .map(|&i| {
+                        let c = &cursors[i];
+                        let mut cmd = redis::cmd("ZRANGEBYLEX");
+                        cmd.arg(self.names.index(c.partition))
+                            .arg(c.next_min.as_slice())
+                            .arg(max)
+                            .arg("LIMIT")
+                            .arg(0)
+                            .arg(chunk);
+                        (u32::from(c.partition), Req::Cmd(cmd))
+                    })
+                    .collect();
+                let replies = self.run_each(reqs, false, Safety::Idempotent).await;
+                for (&i, reply) in refill.iter().zip(replies) {
+                    let reply = reply?;
+                    if let Some(e) = server_error(&reply, "scan", false) {
+                        return Err(e);
+                    }
+                    let Value::Array(members) = &reply else {
+                        return Err(unexpected("scan", &reply));
+                    };
+                    let c = &mut cursors[i];
+                    c.done = members.len() < chunk;
+                    for m in members {
+                        let text = bytes_of(m)
+                            .and_then(|b| std::str::from_utf8(b).ok())
+                            .ok_or_else(|| unexpected("scan", m))?;
+                        c.buffered.push_back(text.to_string());
+                    }
+                    if let Some(last) = c.buffered.back() {
+                        c.next_min = [b"(", last.as_bytes()].concat();
+                    }
+                }
+                chunk = chunk.saturating_mul(2).min(want + 1);
+            }
+            // Merge while every cursor that may hold more has a buffered key.
+            loop {
+                if keys.len() > want {
+                    keys.truncate(want);
+                    return Ok((keys, true));
+                }
+                if cursors.iter().any(|c| c.buffered.is_empty() && !c.done) {
+                    break;
+                }
+                let smallest = cursors
+                    .iter_mut()
+                    .filter(|c| !c.buffered.is_empty())
+                    .min_by(|a, b| a.buffered.front().cmp(&b.buffered.front()));
+                match smallest.and_then(|c| c.buffered.pop_front()) {
+                    Some(key) => keys.push(key),
+                    None => return Ok((keys, false)),
+                }
+            }
+        }
+    }
+}
+
+fn parse_commit(value: &Value) -> Result<Committed, BackendError> {
+    if let Some(e) = server_error(value, "write", true) {
+        return Err(e);
+    }
+    let Value::Array(parts) = value else {
+        return Err(unexpected("write", value));
+    };
+    match parts.as_slice() {
+        [status, version, seq] if bytes_of(status) == Some(b"ok") => {
+            match (int_of(version), int_of(seq)) {
+                (Some(version), Some(seq)) => Ok(Committed::Written { version, seq }),
+                _ => Err(unexpected("write", value)),
+            }
+        }
+        [status] if bytes_of(status) == Some(b"race") => Ok(Committed::Race),
+        _ => Err(unexpected("write", value)),
+    }
+}
+
+/// The smallest byte string greater than every string starting with `prefix` (`None`: no such
+/// bound, every string from `prefix` on qualifies).
+fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut bound = prefix.to_vec();
+    while let Some(last) = bound.pop() {
+        if last < u8::MAX {
+            bound.push(last + 1);
+            return Some(bound);
+        }
+    }
+    None
+}
+
+fn parse_feed_entry(
+    layout: &Layout,
+    partition: u16,
+    entry: &Value,
+) -> Result<FeedEntry, BackendError> {
+    let bad = || unexpected("read_feed", entry);
+    let Value::Array(parts) = entry else {
+        return Err(bad());
+    };
+    let [id, fields] = parts.as_slice() else {
+        return Err(bad());
+    };
+    let seq = bytes_of(id).and_then(stream_seq).ok_or_else(bad)?;
+    let fields = pairs(fields).ok_or_else(bad)?;
+    let field = |name: &[u8]| {
+        fields
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| *v)
+            .ok_or_else(bad)
+    };
+    let number = |name: &[u8]| -> Result<u64, BackendError> {
+        std::str::from_utf8(field(name)?)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(bad)
+    };
+    let key_text = std::str::from_utf8(field(b"k")?).map_err(|_| bad())?;
+    let key = Key::new(key_text)?;
+    debug_assert_eq!(layout.partition_of(&key), partition);
+    let delta = envelope::decode(field(b"d")?, &envelope::Limits::default()).map_err(|source| {
+        BackendError::Corrupt {
+            key: key.to_string(),
+            source,
+        }
+    })?;
+    let logical = u32::try_from(number(b"l")?).map_err(|_| bad())?;
+    Ok(FeedEntry {
+        seq,
+        key,
+        delta,
+        origin: ActorId::new(number(b"a")?),
+        hlc: Hlc::new(number(b"p")?, logical),
+    })
+}
+
+impl StateBackend for RedisBackend {
+    fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<Stored>, BackendError> {
+        self.get_values(&[key]).await.pop().unwrap_or(Ok(None))
+    }
+
+    async fn get_many(
+        &self,
+        keys: &[Key],
+    ) -> Result<Vec<Result<Option<Stored>, BackendError>>, BackendError> {
+        let keys: Vec<&Key> = keys.iter().collect();
+        Ok(self.get_values(&keys).await)
+    }
+
+    async fn apply(&self, write: LocalWrite) -> Result<Receipt, BackendError> {
+        self.execute(vec![Item::Apply(write)])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(BackendError::Unavailable("internal: no outcome".into())))
+    }
+
+    async fn apply_many(
+        &self,
+        writes: Vec<LocalWrite>,
+    ) -> Result<Vec<Result<Receipt, BackendError>>, BackendError> {
+        Ok(self
+            .execute(writes.into_iter().map(Item::Apply).collect())
+            .await)
+    }
+
+    async fn merge(&self, key: &Key, delta: &Crdt) -> Result<Receipt, BackendError> {
+        self.execute(vec![Item::Merge(key.clone(), delta.clone())])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(BackendError::Unavailable("internal: no outcome".into())))
+    }
+
+    async fn merge_many(
+        &self,
+        items: &[(Key, Crdt)],
+    ) -> Result<Vec<Result<Receipt, BackendError>>, BackendError> {
+        Ok(self
+            .execute(
+                items
+                    .iter()
+                    .map(|(k, d)| Item::Merge(k.clone(), d.clone()))
+                    .collect(),
+            )
+            .await)
+    }
+
+    async fn delete(&self, key: &Key) -> Result<bool, BackendError> {
+        self.delete_many(std::slice::from_ref(key))
+            .await?
+            .pop()
+            .ok_or_else(|| BackendError::Unavailable("internal: no outcome".into()))
+    }
+
+    async fn delete_many(&self, keys: &[Key]) -> Result<Vec<bool>, BackendError> {
+        let reqs = keys
+            .iter()
+            .map(|key| {
+                let p = self.layout.partition_of(key);
+                let b = self.layout.bucket_of(key);
+                let req = Req::script(
+                    &self.scripts.delete,
+                    vec![
+                        self.names.value(p, key),
+                        self.names.meta(p, b),
+                        self.names.index(p),
+                        self.names.digest(p),
+                    ],
+                    vec![key.as_str().as_bytes().to_vec(), b.to_string().into_bytes()],
+                );
+                (u32::from(p), req)
+            })
+            .collect();
+        self.run_each(reqs, true, Safety::Idempotent)
+            .await
+            .into_iter()
+            .map(|reply| {
+                let reply = reply?;
+                if let Some(e) = server_error(&reply, "delete", true) {
+                    return Err(e);
+                }
+                int_of(&reply)
+                    .map(|n| n == 1)
+                    .ok_or_else(|| unexpected("delete", &reply))
+            })
+            .collect()
+    }
+
+    async fn scan(
+        &self,
+        prefix: &str,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<ScanPage, BackendError> {
+        let limit = page_limit(limit)?;
+        let max = match prefix_successor(prefix.as_bytes()) {
+            Some(bound) => [b"(".as_slice(), &bound].concat(),
+            None => b"+".to_vec(),
+        };
+        let mut min = match after {
+            Some(a) if a.as_str() >= prefix => [b"(", a.as_str().as_bytes()].concat(),
+            _ => [b"[", prefix.as_bytes()].concat(),
+        };
+        loop {
+            let (names, more) = self.scan_keys(&min, &max, limit).await?;
+            let keys = names
+                .iter()
+                .map(|n| Key::new(n.as_str()))
+                .collect::<Result<Vec<Key>, BackendError>>()?;
+            let refs: Vec<&Key> = keys.iter().collect();
+            let values = self.get_values(&refs).await;
+            let next = if more { keys.last().cloned() } else { None };
+            let items: Vec<ScanItem> = keys
+                .into_iter()
+                .zip(values)
+                .filter_map(|(key, value)| match value {
+                    // Deleted since the index was read: no longer part of the scan.
+                    Ok(None) => None,
+                    Ok(Some(stored)) => Some(ScanItem {
+                        key,
+                        value: Ok(stored),
+                    }),
+                    Err(e) => Some(ScanItem { key, value: Err(e) }),
+                })
+                .collect();
+            // A page whose keys all vanished must not end the scan early, nor be empty with a
+            // `next`: go on from where it stopped.
+            match (&next, items.is_empty()) {
+                (Some(n), true) => min = [b"(", n.as_str().as_bytes()].concat(),
+                _ => return Ok(ScanPage { items, next }),
+            }
+        }
+    }
+
+    async fn read_feed(
+        &self,
+        partition: u16,
+        after: u64,
+        limit: usize,
+    ) -> Result<FeedPage, BackendError> {
+        let limit = page_limit(limit)?;
+        self.layout.check_partition(partition)?;
+        let start = after
+            .checked_add(1)
+            .map(|s| format!("{s}-0").into_bytes())
+            .unwrap_or_default();
+        let req = Req::script(
+            &self.scripts.read_feed,
+            vec![self.names.counters(partition), self.names.feed(partition)],
+            vec![start, limit.to_string().into_bytes()],
+        );
+        let reply = self
+            .run_one(u32::from(partition), req, false, Safety::Idempotent)
+            .await?;
+        let Value::Array(parts) = &reply else {
+            return Err(unexpected("read_feed", &reply));
+        };
+        let [last, first, entries] = parts.as_slice() else {
+            return Err(unexpected("read_feed", &reply));
+        };
+        let last_seq = int_of(last).ok_or_else(|| unexpected("read_feed", &reply))?;
+        let first_seq = match first {
+            Value::Nil => last_seq.saturating_add(1),
+            id => bytes_of(id)
+                .and_then(stream_seq)
+                .ok_or_else(|| unexpected("read_feed", &reply))?,
+        };
+        let entries = match entries {
+            Value::Array(items) => items
+                .iter()
+                .map(|e| parse_feed_entry(&self.layout, partition, e))
+                .collect::<Result<Vec<_>, _>>()?,
+            Value::Nil => Vec::new(),
+            other => return Err(unexpected("read_feed", other)),
+        };
+        Ok(FeedPage {
+            entries,
+            first_seq,
+            last_seq,
+        })
+    }
+
+    async fn trim_feed(&self, partition: u16, through: u64) -> Result<usize, BackendError> {
+        self.layout.check_partition(partition)?;
+        let mut cmd = redis::cmd("XTRIM");
+        cmd.arg(self.names.feed(partition));
+        match through.checked_add(1) {
+            Some(threshold) => cmd.arg("MINID").arg(format!("{threshold}-0")),
+            None => cmd.arg("MAXLEN").arg(0),
+        };
+        let reply = self
+            .run_one(
+                u32::from(partition),
+                Req::Cmd(cmd),
+                true,
+                Safety::Idempotent,
+            )
+            .await?;
+        int_of(&reply)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| unexpected("trim_feed", &reply))
+    }
+
+    async fn digest(&self, partition: u16) -> Result<PartitionDigest, BackendError> {
+        self.layout.check_partition(partition)?;
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(self.names.digest(partition));
+        let reply = self
+            .run_one(
+                u32::from(partition),
+                Req::Cmd(cmd),
+                false,
+                Safety::Idempotent,
+            )
+            .await?;
+        let mut buckets = vec![0u64; usize::from(self.layout.buckets())];
+        for (bucket, fingerprint) in pairs(&reply).ok_or_else(|| unexpected("digest", &reply))? {
+            let parsed = std::str::from_utf8(bucket)
+                .ok()
+                .and_then(|b| b.parse::<usize>().ok())
+                .zip(
+                    std::str::from_utf8(fingerprint)
+                        .ok()
+                        .and_then(|f| u64::from_str_radix(f, 16).ok()),
+                );
+            match parsed {
+                Some((b, fp)) if b < buckets.len() => buckets[b] = fp,
+                _ => return Err(unexpected("digest", &reply)),
+            }
+        }
+        Ok(PartitionDigest::new(buckets))
+    }
+
+    async fn bucket_entries(
+        &self,
+        partition: u16,
+        bucket: u16,
+    ) -> Result<Vec<(Key, u64)>, BackendError> {
+        if bucket >= self.layout.buckets() {
+            return Err(BackendError::InvalidArgument(format!(
+                "bucket {bucket} out of range 0..{}",
+                self.layout.buckets()
+            )));
+        }
+        self.layout.check_partition(partition)?;
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(self.names.meta(partition, bucket));
+        let reply = self
+            .run_one(
+                u32::from(partition),
+                Req::Cmd(cmd),
+                false,
+                Safety::Idempotent,
+            )
+            .await?;
+        let mut entries = pairs(&reply)
+            .ok_or_else(|| unexpected("bucket_entries", &reply))?
+            .into_iter()
+            .map(|(key, meta)| {
+                let key =
+                    std::str::from_utf8(key).map_err(|_| unexpected("bucket_entries", &reply))?;
+                let meta = parse_meta(meta).ok_or_else(|| unexpected("bucket_entries", &reply))?;
+                Ok((Key::new(key)?, meta.value_hash))
+            })
+            .collect::<Result<Vec<(Key, u64)>, BackendError>>()?;
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(entries)
+    }
+
+    async fn cursor(&self, origin: &str, partition: u16) -> Result<u64, BackendError> {
+        check_origin(origin)?;
+        self.layout.check_partition(partition)?;
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(self.names.cursors(partition)).arg(origin);
+        let reply = self
+            .run_one(
+                u32::from(partition),
+                Req::Cmd(cmd),
+                false,
+                Safety::Idempotent,
+            )
+            .await?;
+        match reply {
+            Value::Nil => Ok(0),
+            other => int_of(&other).ok_or_else(|| unexpected("cursor", &other)),
+        }
+    }
+
+    async fn advance_cursor(
+        &self,
+        origin: &str,
+        partition: u16,
+        seq: u64,
+    ) -> Result<u64, BackendError> {
+        check_origin(origin)?;
+        self.layout.check_partition(partition)?;
+        let req = Req::script(
+            &self.scripts.advance_cursor,
+            vec![self.names.cursors(partition)],
+            vec![origin.as_bytes().to_vec(), seq.to_string().into_bytes()],
+        );
+        let reply = self
+            .run_one(u32::from(partition), req, true, Safety::Idempotent)
+            .await?;
+        int_of(&reply).ok_or_else(|| unexpected("advance_cursor", &reply))
+    }
+
+    async fn append_conflict(&self, record: Vec<u8>) -> Result<u64, BackendError> {
+        let req = Req::script(
+            &self.scripts.append_conflict,
+            vec![self.names.conflict_counter(), self.names.conflict_feed()],
+            vec![record, CONFLICTS_MAX.to_string().into_bytes()],
+        );
+        let reply = self.run_one(GLOBAL_GROUP, req, true, Safety::Once).await?;
+        int_of(&reply).ok_or_else(|| unexpected("append_conflict", &reply))
+    }
+
+    async fn read_conflicts(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, BackendError> {
+        let limit = page_limit(limit)?;
+        let Some(start) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(self.names.conflict_feed())
+            .arg(format!("{start}-0"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit);
+        let reply = self
+            .run_one(GLOBAL_GROUP, Req::Cmd(cmd), false, Safety::Idempotent)
+            .await?;
+        let Value::Array(entries) = &reply else {
+            return Err(unexpected("read_conflicts", &reply));
+        };
+        entries
+            .iter()
+            .map(|entry| {
+                let bad = || unexpected("read_conflicts", entry);
+                let Value::Array(parts) = entry else {
+                    return Err(bad());
+                };
+                let [id, fields] = parts.as_slice() else {
+                    return Err(bad());
+                };
+                let seq = bytes_of(id).and_then(stream_seq).ok_or_else(bad)?;
+                let fields = pairs(fields).ok_or_else(bad)?;
+                let record = fields
+                    .iter()
+                    .find(|(k, _)| *k == b"r")
+                    .map(|(_, v)| v.to_vec())
+                    .ok_or_else(bad)?;
+                Ok((seq, record))
+            })
+            .collect()
+    }
+}
+
+#[cfg(feature = "testing")]
+impl crate::RawAccess for RedisBackend {
+    async fn raw_put(&self, key: &Key, bytes: Vec<u8>) -> Result<(), BackendError> {
+        let p = self.layout.partition_of(key);
+        let b = self.layout.bucket_of(key);
+        let hash = match envelope::decode(&bytes, &envelope::Limits::default()) {
+            Ok(value) => crate::digest::value_hash(&value)?,
+            Err(_) => crate::digest::raw_hash(&bytes),
+        };
+        let req = Req::script(
+            &self.scripts.raw_put,
+            vec![
+                self.names.value(p, key),
+                self.names.meta(p, b),
+                self.names.index(p),
+                self.names.digest(p),
+                self.names.counters(p),
+            ],
+            vec![
+                key.as_str().as_bytes().to_vec(),
+                bytes,
+                hashes_hex(key, hash).into_bytes(),
+                b.to_string().into_bytes(),
+            ],
+        );
+        self.run_one(u32::from(p), req, true, Safety::Idempotent)
+            .await
+            .map(|_| ())
+    }
+
+    async fn raw_get(&self, key: &Key) -> Result<Option<Vec<u8>>, BackendError> {
+        let snapshot = self.snapshots(&[key]).await.pop().unwrap_or(Ok(Snapshot {
+            content: Content::Absent,
+            meta_raw: None,
+            meta: None,
+        }))?;
+        Ok(match snapshot.content {
+            Content::Bytes(bytes) => Some(bytes),
+            Content::Absent | Content::Foreign => None,
+        })
+    }
+}
