@@ -47,6 +47,8 @@ pub mod error;
 pub mod key;
 pub mod layout;
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "testing")]

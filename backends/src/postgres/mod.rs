@@ -1,0 +1,1605 @@
+//! The PostgreSQL region store: a primary plus optional hot-standby read replicas.
+//!
+//! # Schema
+//!
+//! One store lives in one PostgreSQL schema ([`PostgresConfig::schema`]), created by the
+//! embedded migrations (`backends/migrations/postgres/`, run with sqlx's migrator, which keeps
+//! its `_sqlx_migrations` table in the same schema, so many stores can share a database):
+//!
+//! | table | holds |
+//! |---|---|
+//! | `gs_meta` | the partition and bucket counts the schema was created with (pinned) |
+//! | `gs_partitions` | per partition: the version clock, the feed's `last_seq` and how far it is trimmed |
+//! | `gs_values` | key (`text COLLATE "C"`, primary key), partition, bucket, envelope (`bytea`), version, value hash, entry hash |
+//! | `gs_feed` | per partition, `(seq, key, delta envelope, origin actor, HLC)` of local writes |
+//! | `gs_digests` | per `(partition, bucket)`, the XOR of the bucket's entry hashes |
+//! | `gs_cursors` | replication cursors `(origin, partition) -> seq` |
+//! | `gs_conflict_log`, `gs_conflicts` | the conflict feed and its counter |
+//!
+//! Keys compare bytewise (`COLLATE "C"`), which for UTF-8 is Rust's `str` order; a prefix
+//! scan is the index range `key >= prefix AND key < successor(prefix)` (no `LIKE`, so `%`, `_`
+//! and `\` in a prefix are ordinary characters).
+//!
+//! # The transaction of a write
+//!
+//! [`apply`](StateBackend::apply) runs, in one `READ COMMITTED` transaction on the primary:
+//!
+//! 1. `SELECT ... FROM gs_values WHERE key = $1 FOR UPDATE`: locks the key's row, so
+//!    concurrent writers of one key (tasks or processes) queue here;
+//! 2. in Rust: decode the stored envelope (undecodable bytes end the transaction with
+//!    [`BackendError::Corrupt`]; nothing is written), check the compare-and-set condition,
+//!    compute the operation's delta from the locked state, join it, check the size limit and
+//!    hash the result for the digest;
+//! 3. one statement: bump the partition's row in `gs_partitions` (next version, next feed
+//!    sequence number, new trim point), insert or update the value, append the feed entry,
+//!    delete the entries beyond `feed_entries_max`, and XOR the key's old and new entry hashes
+//!    into its digest bucket;
+//! 4. `COMMIT`, then acknowledge.
+//!
+//! A key that does not exist yet has no row to lock: two writers creating it race on the
+//! primary key, and the loser's transaction is retried (it then finds and locks the row).
+//! A write transaction writes one key and takes its locks in the order key row, partition
+//! row, digest row, so writes never deadlock one another (a physical delete locks key rows,
+//! then digest rows, and waits for no lock after that). The partition row is held from step 3
+//! to the commit, so feed sequence numbers are handed out in commit order: a reader that has
+//! seen entry `n` has seen every entry before it.
+//!
+//! [`merge`](StateBackend::merge) is the same transaction without a feed entry.
+//!
+//! Batch forms: [`apply_many`](StateBackend::apply_many) and
+//! [`merge_many`](StateBackend::merge_many) run each item in its own transaction, in order, on
+//! one connection (a later item sees an earlier one; one item's failure leaves the others'
+//! outcomes alone). [`get_many`](StateBackend::get_many) is one statement;
+//! [`delete_many`](StateBackend::delete_many) one statement per [`DELETE_BATCH_MAX`] keys.
+//!
+//! # Failures
+//!
+//! Serialization failures and deadlocks (SQLSTATE 40001, 40P01), a lost race to create a
+//! key, and connection failures before `COMMIT` was sent are retried with jittered
+//! exponential backoff, at most [`RetryPolicy::attempts_max`] attempts. Everything else that
+//! goes wrong with the server is [`BackendError::Unavailable`]; when a connection fails while
+//! a write is being committed, the write **may or may not have taken effect** (the message
+//! says so): callers retry local writes only if the operation is safe to repeat, and rely on
+//! the change feed to find out. The same holds for an operation whose future is dropped before
+//! it completes (a caller's timeout): a write may have committed or not.
+//!
+//! # Replicas
+//!
+//! Value reads ([`get`](StateBackend::get), [`get_many`](StateBackend::get_many),
+//! [`scan`](StateBackend::scan)) go to a replica chosen by [`ReadPolicy`] among those whose
+//! staleness is within [`PostgresConfig::max_replica_lag`] (see [`ReplicaStatus`] and the lag
+//! monitor's definition of staleness), and to the primary when none is. **A replica read may
+//! miss writes acknowledged up to `max_replica_lag` earlier**, including the caller's own.
+//! Everything else always goes to the primary: writes (and the state a compare-and-set checks,
+//! which is read inside the write's transaction), change feeds, digests, bucket entries,
+//! cursors and the conflict feed, since replication decisions need current data. A replica
+//! read that fails marks the replica unhealthy and is served by the primary.
+//!
+//! ```no_run
+//! use geostate_backends::postgres::{PostgresBackend, PostgresConfig};
+//! use geostate_backends::{Expect, Key, LocalWrite, StateBackend};
+//! use geostate_crdt::{ActorId, CounterOp, Hlc, Op};
+//!
+//! # async fn example() -> Result<(), geostate_backends::BackendError> {
+//! let mut config = PostgresConfig::new("postgres://geostate@127.0.0.1:5432/geostate");
+//! config.schema = "region_us_east".into();
+//! let store = PostgresBackend::connect(config).await?;
+//! let receipt = store
+//!     .apply(LocalWrite {
+//!         key: Key::new("visits")?,
+//!         op: Op::from(CounterOp::inc(1)),
+//!         actor: ActorId::new(7),
+//!         hlc: Hlc::new(1_700_000_000_000, 0),
+//!         expect: Expect::Any,
+//!     })
+//!     .await?;
+//! assert_eq!(receipt.seq, Some(1));
+//! # Ok(())
+//! # }
+//! ```
+
+mod config;
+mod replicas;
+mod retry;
+mod sql;
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use geostate_crdt::{envelope, ActorId, Crdt, Hlc, TypeTag};
+use sqlx::migrate::Migrator;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, Postgres};
+use sqlx::{Connection, Row, Transaction};
+
+pub use config::{redact_url, PostgresConfig, ReadPolicy, RetryPolicy};
+pub use replicas::ReplicaStatus;
+
+use crate::digest::{entry_hash, raw_hash};
+use crate::{
+    fnv1a64, BackendError, FeedEntry, FeedPage, Key, Layout, LocalWrite, PartitionDigest, Receipt,
+    ScanItem, ScanPage, StateBackend, Stored, PAGE_LIMIT_MAX,
+};
+use replicas::Replicas;
+use retry::{at_commit, before_commit, Attempt, RetryKind, Rng};
+use sql::{query, Sql};
+
+/// The embedded migrations (`backends/migrations/postgres/`).
+static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Most keys one `delete_many` statement deletes (larger batches take several statements).
+pub const DELETE_BATCH_MAX: usize = 1_000;
+
+/// Conflict records kept; older ones are dropped first.
+pub const CONFLICTS_MAX: u64 = 100_000;
+
+/// Counters of what the store did since it was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PostgresStats {
+    /// Write transactions committed (local writes, merges; not no-ops).
+    pub commits: u64,
+    /// Attempts retried after a serialization failure, a deadlock or a lost race to create a
+    /// key.
+    pub conflict_retries: u64,
+    /// Attempts retried on another connection after a connection failure.
+    pub connection_retries: u64,
+    /// Value reads served by the primary.
+    pub primary_reads: u64,
+    /// Value reads served by a replica.
+    pub replica_reads: u64,
+    /// Value reads that failed on a replica and were served by the primary.
+    pub replica_fallbacks: u64,
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    commits: AtomicU64,
+    conflict_retries: AtomicU64,
+    connection_retries: AtomicU64,
+    primary_reads: AtomicU64,
+    replica_reads: AtomicU64,
+    replica_fallbacks: AtomicU64,
+}
+
+/// The PostgreSQL region store. See the [module documentation](self) for the schema, the
+/// transaction of a write and the replica routing.
+///
+/// Open it with [`PostgresBackend::connect`] inside a Tokio runtime (with replicas, it spawns
+/// the lag monitor, stopped when the backend is dropped). Share it behind an `Arc`.
+pub struct PostgresBackend {
+    shared: Arc<Shared>,
+    monitor: Option<tokio::task::JoinHandle<()>>,
+}
+
+struct Shared {
+    layout: Layout,
+    schema: String,
+    sql: Sql,
+    primary: PgPool,
+    replicas: Replicas,
+    retry: RetryPolicy,
+    rng: Rng,
+    stats: Stats,
+}
+
+impl std::fmt::Debug for PostgresBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresBackend")
+            .field("schema", &self.shared.schema)
+            .field("layout", &self.shared.layout)
+            .field("replicas", &self.shared.replicas.status())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PostgresBackend {
+    fn drop(&mut self) {
+        if let Some(monitor) = self.monitor.take() {
+            monitor.abort();
+        }
+    }
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> BackendError {
+    BackendError::Unavailable(format!("{what}: {e}"))
+}
+
+fn connect_options(
+    url: &str,
+    config: &PostgresConfig,
+    role: &str,
+) -> Result<PgConnectOptions, BackendError> {
+    let mut options = PgConnectOptions::from_str(url).map_err(|e| {
+        BackendError::InvalidArgument(format!("invalid {role} URL {}: {e}", redact_url(url)))
+    })?;
+    options = options.application_name(&config.application_name);
+    if let Some(timeout) = config.statement_timeout {
+        options = options.options([("statement_timeout", timeout.as_millis().to_string())]);
+    }
+    if !config.synchronous_commit {
+        options = options.options([("synchronous_commit", "off")]);
+    }
+    Ok(options)
+}
+
+/// A pool that pings a connection before handing it out only if it sat idle for longer than
+/// `ping_if_idle_for` (sqlx also pings every connection when it is returned).
+fn pool_options(max: u32, acquire_timeout: Duration, ping_if_idle_for: Duration) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .min_connections(0)
+        .acquire_timeout(acquire_timeout)
+        .test_before_acquire(false)
+        .before_acquire(move |conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > ping_if_idle_for {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
+impl PostgresBackend {
+    /// Connects to the primary (and lazily to the replicas), creates the schema and runs the
+    /// migrations if so configured, pins or checks the layout, and, with replicas, measures
+    /// them once and starts the lag monitor.
+    ///
+    /// Errors: [`BackendError::InvalidArgument`] for a bad configuration or a schema created
+    /// with another partition or bucket count; [`BackendError::Unavailable`] when the primary
+    /// cannot be reached or a migration fails.
+    pub async fn connect(config: PostgresConfig) -> Result<Self, BackendError> {
+        config.validate()?;
+        let primary_options = connect_options(&config.primary_url, &config, "primary")?;
+        prepare_schema(&primary_options, &config).await?;
+        let primary = pool_options(
+            config.primary_pool_max,
+            config.acquire_timeout,
+            config.ping_if_idle_for,
+        )
+        .connect_lazy_with(primary_options);
+        let mut replicas = Vec::with_capacity(config.replica_urls.len());
+        for url in &config.replica_urls {
+            let options = connect_options(url, &config, "replica")?;
+            let pool = pool_options(
+                config.replica_pool_max,
+                config.lag_check_timeout,
+                config.ping_if_idle_for,
+            )
+            .connect_lazy_with(options);
+            replicas.push((redact_url(url), pool));
+        }
+        let shared = Arc::new(Shared {
+            layout: config.layout.clone(),
+            sql: Sql::new(&config.schema),
+            schema: config.schema.clone(),
+            primary,
+            replicas: Replicas::new(
+                replicas,
+                config.read_policy,
+                config.max_replica_lag,
+                config.lag_check_timeout,
+            ),
+            retry: config.retry.clone(),
+            rng: Rng::new(config.rng_seed),
+            stats: Stats::default(),
+        });
+        shared.pin_layout().await?;
+        let monitor = if shared.replicas.is_empty() {
+            None
+        } else {
+            shared.replicas.check(&shared.primary, true).await;
+            let weak = Arc::downgrade(&shared);
+            let interval = config.lag_check_interval;
+            Some(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(interval).await;
+                    let Some(shared) = weak.upgrade() else {
+                        return;
+                    };
+                    shared.replicas.check(&shared.primary, false).await;
+                }
+            }))
+        };
+        Ok(Self { shared, monitor })
+    }
+
+    /// The schema holding this store.
+    pub fn schema(&self) -> &str {
+        &self.shared.schema
+    }
+
+    /// What the store knows about each replica, in configuration order.
+    pub fn replica_status(&self) -> Vec<ReplicaStatus> {
+        self.shared.replicas.status()
+    }
+
+    /// Measures the replicas now and returns when the measurements are recorded (the lag
+    /// monitor does this every [`PostgresConfig::lag_check_interval`], without waiting for
+    /// slow replicas). A replica whose previous measurement is still in flight is skipped.
+    pub async fn check_replicas(&self) {
+        self.shared.replicas.check(&self.shared.primary, true).await;
+    }
+
+    /// Counters of what the store did since it was opened.
+    pub fn stats(&self) -> PostgresStats {
+        let s = &self.shared.stats;
+        PostgresStats {
+            commits: s.commits.load(Relaxed),
+            conflict_retries: s.conflict_retries.load(Relaxed),
+            connection_retries: s.connection_retries.load(Relaxed),
+            primary_reads: s.primary_reads.load(Relaxed),
+            replica_reads: s.replica_reads.load(Relaxed),
+            replica_fallbacks: s.replica_fallbacks.load(Relaxed),
+        }
+    }
+
+    /// Checks `partition`'s stored digest against the entry hashes of its values, in one
+    /// snapshot, and returns the buckets whose fingerprints disagree (empty when all is
+    /// well). They can only disagree if rows were changed behind the store's back.
+    pub async fn verify_digest(&self, partition: u16) -> Result<Vec<u16>, BackendError> {
+        self.shared.layout.check_partition(partition)?;
+        let sh = &self.shared;
+        let mut slot = Slot::new(&sh.primary);
+        let mut tries = 0;
+        loop {
+            let r = sh.try_verify_digest(&mut slot, partition).await;
+            if let Some(done) = sh.settle(r, &mut slot, &mut tries, "verify_digest").await {
+                return done;
+            }
+        }
+    }
+
+    /// Closes the connection pools, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        if let Some(monitor) = &self.monitor {
+            monitor.abort();
+        }
+        self.shared.primary.close().await;
+        for pool in self.shared.replicas.pools() {
+            pool.close().await;
+        }
+    }
+}
+
+/// Creates the schema and runs the migrations on a dedicated connection whose `search_path`
+/// is the schema, so that the migrations' unqualified names land there.
+async fn prepare_schema(
+    options: &PgConnectOptions,
+    config: &PostgresConfig,
+) -> Result<(), BackendError> {
+    if !config.create_schema && !config.run_migrations {
+        return Ok(());
+    }
+    let schema = &config.schema;
+    let connecting = PgConnection::connect_with(options);
+    let mut conn = match tokio::time::timeout(config.acquire_timeout, connecting).await {
+        Ok(connected) => connected.map_err(|e| unavailable("connecting to the primary", e))?,
+        Err(_) => {
+            return Err(BackendError::Unavailable(format!(
+                "connecting to the primary: no answer within {:?}",
+                config.acquire_timeout
+            )))
+        }
+    };
+    if config.create_schema {
+        let create = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
+        if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(create))
+            .execute(&mut conn)
+            .await
+        {
+            // Two connectors creating the schema at once: one of them loses the race.
+            let raced = matches!(&e, sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("23505" | "42P06")));
+            if !raced {
+                return Err(unavailable("creating the schema", e));
+            }
+        }
+    }
+    if config.run_migrations {
+        let set_path = format!("SET search_path TO \"{schema}\"");
+        sqlx::query(sqlx::AssertSqlSafe(set_path))
+            .execute(&mut conn)
+            .await
+            .map_err(|e| unavailable("setting search_path", e))?;
+        let mut migrator = Migrator::with_migrations(MIGRATOR.iter().cloned().collect());
+        migrator.dangerous_set_table_name(format!("\"{schema}\"._sqlx_migrations"));
+        migrator
+            .run(&mut conn)
+            .await
+            .map_err(|e| unavailable("running the migrations", e))?;
+    }
+    // The work is done; a failure to say goodbye changes nothing.
+    let _ = conn.close().await;
+    Ok(())
+}
+
+/// A connection slot: acquires from the pool on first use and keeps the connection for the
+/// rest of an operation (a batch uses one connection), unless it fails.
+struct Slot<'p> {
+    pool: &'p PgPool,
+    conn: Option<PoolConnection<Postgres>>,
+}
+
+impl<'p> Slot<'p> {
+    fn new(pool: &'p PgPool) -> Self {
+        Self { pool, conn: None }
+    }
+
+    async fn get(&mut self) -> Result<&mut PgConnection, Attempt> {
+        let conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => self.pool.acquire().await.map_err(before_commit)?,
+        };
+        Ok(&mut **self.conn.insert(conn))
+    }
+
+    /// Drops the connection instead of returning it to the pool.
+    fn discard(&mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            conn.close_on_drop();
+        }
+    }
+}
+
+/// What a write transaction decided.
+enum Step<T> {
+    /// Something was written: commit.
+    Commit(T),
+    /// Nothing to write (a no-op): roll back.
+    Rollback(T),
+}
+
+/// Ends a transaction as `outcome` says.
+async fn finish<T>(
+    tx: Transaction<'_, Postgres>,
+    outcome: Result<Step<T>, Attempt>,
+) -> Result<T, Attempt> {
+    match outcome {
+        Ok(Step::Commit(value)) => {
+            tx.commit().await.map_err(at_commit)?;
+            Ok(value)
+        }
+        Ok(Step::Rollback(value)) => {
+            // Nothing was written, so the outcome is known whatever the rollback does; a
+            // broken connection is dropped by the pool when it is returned.
+            let _ = tx.rollback().await;
+            Ok(value)
+        }
+        Err(Attempt::Retry {
+            kind: RetryKind::Connection,
+            error,
+        }) => {
+            // Dropping the transaction queues its rollback; the slot discards the connection.
+            drop(tx);
+            Err(Attempt::Retry {
+                kind: RetryKind::Connection,
+                error,
+            })
+        }
+        Err(e) => {
+            let _ = tx.rollback().await;
+            Err(e)
+        }
+    }
+}
+
+/// A value ready to be stored.
+struct Prepared {
+    envelope: Vec<u8>,
+    value_hash: u64,
+    entry_hash: u64,
+}
+
+/// The change-feed part of a local write.
+struct FeedRow {
+    delta: Vec<u8>,
+    origin: ActorId,
+    hlc: Hlc,
+}
+
+/// The locked row of a key.
+struct Locked {
+    envelope: Vec<u8>,
+    version: u64,
+    entry_hash: u64,
+}
+
+/// Decodes stored bytes; undecodable ones are [`BackendError::Corrupt`].
+fn decode_value(key: &Key, bytes: &[u8]) -> Result<Crdt, BackendError> {
+    envelope::decode(bytes, &envelope::Limits::default()).map_err(|source| BackendError::Corrupt {
+        key: key.to_string(),
+        source,
+    })
+}
+
+fn stored_key(key: String) -> Result<Key, Attempt> {
+    Key::new(key).map_err(|e| {
+        Attempt::Fail(BackendError::Unavailable(format!(
+            "the store holds an invalid key (changed behind the store's back?): {e}"
+        )))
+    })
+}
+
+/// Non-negative numbers the store wrote (versions, sequence numbers) read back.
+fn unsigned(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+fn signed(n: u64, what: &str) -> Result<i64, BackendError> {
+    i64::try_from(n)
+        .map_err(|_| BackendError::InvalidArgument(format!("{what} {n} is above 2^63 - 1")))
+}
+
+fn page_limit(limit: usize) -> Result<usize, BackendError> {
+    if limit == 0 {
+        return Err(BackendError::InvalidArgument(
+            "limit must be positive".into(),
+        ));
+    }
+    Ok(limit.min(PAGE_LIMIT_MAX))
+}
+
+fn check_origin(origin: &str) -> Result<(), BackendError> {
+    if origin.is_empty() || origin.len() > 64 || origin.chars().any(char::is_control) {
+        return Err(BackendError::InvalidArgument(format!(
+            "invalid origin region name {origin:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// The least string greater than every string starting with `prefix`, if there is one:
+/// `prefix` with its last incrementable character incremented and what follows dropped. In
+/// UTF-8 byte order (PostgreSQL's `COLLATE "C"`, Rust's `str`), the strings starting with
+/// `prefix` are exactly those in `[prefix, successor)`.
+fn prefix_successor(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = match last {
+            '\u{d7ff}' => Some('\u{e000}'),
+            c => char::from_u32(u32::from(c) + 1),
+        };
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
+/// A raw value row: key, envelope, version.
+type RawRow = (String, Vec<u8>, i64);
+
+impl Shared {
+    /// Settles one attempt: `Some` to return, `None` to try again (after a backoff).
+    async fn settle<T>(
+        &self,
+        result: Result<T, Attempt>,
+        slot: &mut Slot<'_>,
+        tries: &mut u32,
+        what: &str,
+    ) -> Option<Result<T, BackendError>> {
+        let (kind, error) = match result {
+            Ok(value) => return Some(Ok(value)),
+            Err(Attempt::Fail(e)) => return Some(Err(e)),
+            Err(Attempt::Retry { kind, error }) => (kind, error),
+        };
+        *tries += 1;
+        match kind {
+            RetryKind::Conflict => self.stats.conflict_retries.fetch_add(1, Relaxed),
+            RetryKind::Connection => {
+                slot.discard();
+                self.stats.connection_retries.fetch_add(1, Relaxed)
+            }
+        };
+        if *tries >= self.retry.attempts_max {
+            tracing::warn!(operation = what, attempts = *tries, %error, "PostgreSQL: giving up");
+            return Some(Err(BackendError::Unavailable(format!(
+                "{what}: gave up after {tries} attempts; last error: {error}"
+            ))));
+        }
+        tracing::debug!(operation = what, attempt = *tries, ?kind, %error, "PostgreSQL: retrying");
+        tokio::time::sleep(self.rng.jitter(self.retry.backoff(*tries))).await;
+        None
+    }
+
+    async fn pin_layout(&self) -> Result<(), BackendError> {
+        let failed = |e| unavailable("pinning the layout", e);
+        let partitions = i32::from(self.layout.partitions());
+        let buckets = i32::from(self.layout.buckets());
+        let mut conn = self.primary.acquire().await.map_err(failed)?;
+        query(&self.sql.pin_layout)
+            .bind(partitions)
+            .bind(buckets)
+            .execute(&mut *conn)
+            .await
+            .map_err(failed)?;
+        let row = query(&self.sql.read_layout)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(failed)?;
+        let (p, b): (i32, i32) = (
+            row.try_get(0).map_err(failed)?,
+            row.try_get(1).map_err(failed)?,
+        );
+        if (p, b) != (partitions, buckets) {
+            return Err(BackendError::InvalidArgument(format!(
+                "schema {} was created with {p} partitions of {b} buckets; the layout asks for \
+                 {partitions} of {buckets}",
+                self.schema
+            )));
+        }
+        query(&self.sql.init_partitions)
+            .bind(partitions)
+            .execute(&mut *conn)
+            .await
+            .map_err(failed)?;
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Writes
+    // -----------------------------------------------------------------------------------------
+
+    async fn lock_row(&self, tx: &mut PgConnection, key: &Key) -> Result<Option<Locked>, Attempt> {
+        let row = query(&self.sql.lock_value)
+            .bind(key.as_str())
+            .fetch_optional(tx)
+            .await
+            .map_err(before_commit)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        Ok(Some(Locked {
+            envelope: row.try_get(0).map_err(before_commit)?,
+            version: unsigned(row.try_get(1).map_err(before_commit)?),
+            entry_hash: row.try_get::<i64, _>(2).map_err(before_commit)? as u64,
+        }))
+    }
+
+    /// Joins `delta` into `state` (the current value or the empty one) and prepares the result,
+    /// enforcing the size limit on the delta and, exactly, on the join.
+    fn prepare(&self, key: &Key, state: &Crdt, delta: &Crdt) -> Result<Prepared, BackendError> {
+        let limit = self.layout.value_bytes_max();
+        let too_large = |size| BackendError::ValueTooLarge {
+            key: key.to_string(),
+            size,
+            limit,
+        };
+        let delta_len = envelope::payload_len(delta)?;
+        if delta_len > limit {
+            return Err(too_large(delta_len));
+        }
+        let mut merged = state.clone();
+        merged.merge(delta)?;
+        let payload = envelope::canonical_payload(&merged)?;
+        if payload.len() > limit {
+            return Err(too_large(payload.len()));
+        }
+        let value_hash = fnv1a64(&payload);
+        Ok(Prepared {
+            envelope: envelope::encode(&merged, &envelope::Options::default())?,
+            value_hash,
+            entry_hash: entry_hash(key, value_hash),
+        })
+    }
+
+    /// The statement of step 3 (see the module docs): returns `(version, last_seq)`.
+    async fn store(
+        &self,
+        tx: &mut PgConnection,
+        key: &Key,
+        old_entry_hash: Option<u64>,
+        value: Prepared,
+        feed: Option<FeedRow>,
+    ) -> Result<(u64, u64), Attempt> {
+        let statement = match old_entry_hash {
+            Some(_) => &self.sql.write_existing,
+            None => &self.sql.write_new,
+        };
+        let xor = old_entry_hash.unwrap_or(0) ^ value.entry_hash;
+        let keep = i64::try_from(self.layout.feed_entries_max()).unwrap_or(i64::MAX);
+        let (fed, delta, origin, hlc) = match feed {
+            Some(f) => (1i64, Some(f.delta), f.origin.get(), f.hlc),
+            None => (0i64, None, 0, Hlc::ZERO),
+        };
+        let row = query(statement)
+            .bind(i32::from(self.layout.partition_of(key)))
+            .bind(key.as_str())
+            .bind(i32::from(self.layout.bucket_of(key)))
+            .bind(value.envelope)
+            .bind(value.value_hash as i64)
+            .bind(value.entry_hash as i64)
+            .bind(fed)
+            .bind(keep)
+            .bind(delta)
+            .bind(origin as i64)
+            .bind(hlc.physical_ms() as i64)
+            .bind(i64::from(hlc.logical()))
+            .bind(xor as i64)
+            .fetch_optional(tx)
+            .await
+            .map_err(before_commit)?;
+        let Some(row) = row else {
+            return Err(Attempt::Fail(BackendError::Unavailable(format!(
+                "partition row missing in schema {}: was it initialised with this layout?",
+                self.schema
+            ))));
+        };
+        let version: i64 = row.try_get(0).map_err(before_commit)?;
+        let last_seq: i64 = row.try_get(1).map_err(before_commit)?;
+        Ok((unsigned(version), unsigned(last_seq)))
+    }
+
+    async fn try_apply(&self, slot: &mut Slot<'_>, w: &LocalWrite) -> Result<Receipt, Attempt> {
+        let conn = slot.get().await?;
+        let mut tx = conn.begin().await.map_err(before_commit)?;
+        let outcome = self.apply_in(&mut tx, w).await;
+        let receipt = finish(tx, outcome).await?;
+        if receipt.seq.is_some() {
+            self.stats.commits.fetch_add(1, Relaxed);
+        }
+        Ok(receipt)
+    }
+
+    async fn apply_in(
+        &self,
+        tx: &mut PgConnection,
+        w: &LocalWrite,
+    ) -> Result<Step<Receipt>, Attempt> {
+        let key = &w.key;
+        let partition = self.layout.partition_of(key);
+        let locked = self.lock_row(tx, key).await?;
+        let current = match &locked {
+            Some(row) => Some((decode_value(key, &row.envelope)?, row.version)),
+            None => None,
+        };
+        w.expect.check(key, current.as_ref().map(|(_, v)| *v))?;
+        let empty;
+        let state = match (&current, w.op.type_tag()) {
+            (Some((value, _)), _) => value,
+            (None, Some(tag)) => {
+                empty = Crdt::empty(tag);
+                &empty
+            }
+            // A deletion of a key that holds nothing changes nothing.
+            (None, None) => {
+                return Ok(Step::Rollback(Receipt {
+                    partition,
+                    version: 0,
+                    seq: None,
+                    delta: Crdt::empty(TypeTag::GCounter),
+                }))
+            }
+        };
+        let delta = state
+            .apply(w.actor, w.hlc, &w.op)
+            .map_err(BackendError::from)?;
+        if delta.context().is_empty() {
+            return Ok(Step::Rollback(Receipt {
+                partition,
+                version: current.map_or(0, |(_, v)| v),
+                seq: None,
+                delta,
+            }));
+        }
+        let prepared = self.prepare(key, state, &delta)?;
+        let feed = FeedRow {
+            delta: envelope::encode(&delta, &envelope::Options::default())
+                .map_err(BackendError::from)?,
+            origin: w.actor,
+            hlc: w.hlc,
+        };
+        let old = locked.map(|row| row.entry_hash);
+        let (version, seq) = self.store(tx, key, old, prepared, Some(feed)).await?;
+        Ok(Step::Commit(Receipt {
+            partition,
+            version,
+            seq: Some(seq),
+            delta,
+        }))
+    }
+
+    async fn apply_one(
+        &self,
+        slot: &mut Slot<'_>,
+        w: &LocalWrite,
+    ) -> Result<Receipt, BackendError> {
+        let mut tries = 0;
+        loop {
+            let r = self.try_apply(slot, w).await;
+            if let Some(done) = self.settle(r, slot, &mut tries, "apply").await {
+                return done;
+            }
+        }
+    }
+
+    async fn try_merge(
+        &self,
+        slot: &mut Slot<'_>,
+        key: &Key,
+        delta: &Crdt,
+    ) -> Result<Receipt, Attempt> {
+        let conn = slot.get().await?;
+        let mut tx = conn.begin().await.map_err(before_commit)?;
+        let outcome = self.merge_in(&mut tx, key, delta).await;
+        let receipt = finish(tx, outcome).await?;
+        self.stats.commits.fetch_add(1, Relaxed);
+        Ok(receipt)
+    }
+
+    async fn merge_in(
+        &self,
+        tx: &mut PgConnection,
+        key: &Key,
+        delta: &Crdt,
+    ) -> Result<Step<Receipt>, Attempt> {
+        let locked = self.lock_row(tx, key).await?;
+        let current = match &locked {
+            Some(row) => decode_value(key, &row.envelope)?,
+            None => Crdt::empty(delta.type_tag()),
+        };
+        let prepared = self.prepare(key, &current, delta)?;
+        let old = locked.map(|row| row.entry_hash);
+        let (version, _) = self.store(tx, key, old, prepared, None).await?;
+        Ok(Step::Commit(Receipt {
+            partition: self.layout.partition_of(key),
+            version,
+            seq: None,
+            delta: delta.clone(),
+        }))
+    }
+
+    async fn merge_one(
+        &self,
+        slot: &mut Slot<'_>,
+        key: &Key,
+        delta: &Crdt,
+    ) -> Result<Receipt, BackendError> {
+        if !delta.is_well_formed() {
+            return Err(BackendError::Crdt(geostate_crdt::Error::Payload(
+                "delta violates its invariants".into(),
+            )));
+        }
+        let mut tries = 0;
+        loop {
+            let r = self.try_merge(slot, key, delta).await;
+            if let Some(done) = self.settle(r, slot, &mut tries, "merge").await {
+                return done;
+            }
+        }
+    }
+
+    /// Deletes `keys` (distinct) in one statement; returns the ones that existed.
+    async fn try_delete(
+        &self,
+        slot: &mut Slot<'_>,
+        keys: &[String],
+    ) -> Result<HashSet<String>, Attempt> {
+        let conn = slot.get().await?;
+        let rows = query(&self.sql.delete)
+            .bind(keys)
+            .fetch_all(conn)
+            .await
+            // One autocommit statement: a broken connection leaves its outcome unknown.
+            .map_err(at_commit)?;
+        rows.iter()
+            .map(|row| row.try_get::<String, _>(0).map_err(before_commit))
+            .collect()
+    }
+
+    /// [`StateBackend::delete_many`]: in statements of at most [`DELETE_BATCH_MAX`] distinct
+    /// keys. A key listed twice is deleted by its first mention (`true` if it existed) and
+    /// absent at the next (`false`), as if deleted one by one.
+    async fn delete_keys(&self, keys: &[Key]) -> Result<Vec<bool>, BackendError> {
+        let mut distinct: Vec<String> = keys.iter().map(|k| k.as_str().to_string()).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut existed = HashSet::new();
+        let mut slot = Slot::new(&self.primary);
+        for chunk in distinct.chunks(DELETE_BATCH_MAX) {
+            let mut tries = 0;
+            let deleted = loop {
+                let r = self.try_delete(&mut slot, chunk).await;
+                if let Some(done) = self.settle(r, &mut slot, &mut tries, "delete").await {
+                    break done?;
+                }
+            };
+            existed.extend(deleted);
+        }
+        Ok(keys.iter().map(|k| existed.remove(k.as_str())).collect())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Value reads (routed)
+    // -----------------------------------------------------------------------------------------
+
+    async fn try_get(
+        &self,
+        slot: &mut Slot<'_>,
+        key: &Key,
+    ) -> Result<Option<(Vec<u8>, i64)>, Attempt> {
+        let conn = slot.get().await?;
+        let row = query(&self.sql.get)
+            .bind(key.as_str())
+            .fetch_optional(conn)
+            .await
+            .map_err(before_commit)?;
+        match row {
+            None => Ok(None),
+            Some(row) => Ok(Some((
+                row.try_get(0).map_err(before_commit)?,
+                row.try_get(1).map_err(before_commit)?,
+            ))),
+        }
+    }
+
+    async fn try_get_many(
+        &self,
+        slot: &mut Slot<'_>,
+        keys: &[String],
+    ) -> Result<Vec<RawRow>, Attempt> {
+        let conn = slot.get().await?;
+        let rows = query(&self.sql.get_many)
+            .bind(keys)
+            .fetch_all(conn)
+            .await
+            .map_err(before_commit)?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get(0).map_err(before_commit)?,
+                    row.try_get(1).map_err(before_commit)?,
+                    row.try_get(2).map_err(before_commit)?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn try_scan(
+        &self,
+        slot: &mut Slot<'_>,
+        statement: &Arc<str>,
+        lower: &str,
+        upper: Option<&str>,
+        fetch: i64,
+    ) -> Result<Vec<RawRow>, Attempt> {
+        let conn = slot.get().await?;
+        let rows = query(statement)
+            .bind(lower)
+            .bind(upper)
+            .bind(fetch)
+            .fetch_all(conn)
+            .await
+            .map_err(before_commit)?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get(0).map_err(before_commit)?,
+                    row.try_get(1).map_err(before_commit)?,
+                    row.try_get(2).map_err(before_commit)?,
+                ))
+            })
+            .collect()
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Feeds, digests, cursors, conflicts (primary only)
+    // -----------------------------------------------------------------------------------------
+
+    async fn try_read_feed(
+        &self,
+        slot: &mut Slot<'_>,
+        partition: u16,
+        after: u64,
+        limit: usize,
+    ) -> Result<FeedPage, Attempt> {
+        let conn = slot.get().await?;
+        let rows = query(&self.sql.read_feed)
+            .bind(i32::from(partition))
+            .bind(i64::try_from(after).unwrap_or(i64::MAX))
+            .bind(limit as i64)
+            .fetch_all(conn)
+            .await
+            .map_err(before_commit)?;
+        let Some(first) = rows.first() else {
+            return Err(Attempt::Fail(BackendError::Unavailable(format!(
+                "partition row {partition} missing in schema {}",
+                self.schema
+            ))));
+        };
+        let last_seq = unsigned(first.try_get(0).map_err(before_commit)?);
+        let trimmed = unsigned(first.try_get(1).map_err(before_commit)?);
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let Some(seq) = row.try_get::<Option<i64>, _>(2).map_err(before_commit)? else {
+                continue;
+            };
+            let key: String = row.try_get(3).map_err(before_commit)?;
+            let delta: Vec<u8> = row.try_get(4).map_err(before_commit)?;
+            let origin: i64 = row.try_get(5).map_err(before_commit)?;
+            let hlc_ms: i64 = row.try_get(6).map_err(before_commit)?;
+            let hlc_logical: i64 = row.try_get(7).map_err(before_commit)?;
+            entries.push(FeedEntry {
+                seq: unsigned(seq),
+                key: stored_key(key)?,
+                delta: envelope::decode(&delta, &envelope::Limits::default())
+                    .map_err(BackendError::from)?,
+                origin: ActorId::new(origin as u64),
+                hlc: Hlc::new(
+                    hlc_ms as u64,
+                    u32::try_from(hlc_logical).unwrap_or(u32::MAX),
+                ),
+            });
+        }
+        Ok(FeedPage {
+            entries,
+            first_seq: trimmed + 1,
+            last_seq,
+        })
+    }
+
+    async fn try_trim_feed(
+        &self,
+        slot: &mut Slot<'_>,
+        partition: u16,
+        through: u64,
+    ) -> Result<usize, Attempt> {
+        let conn = slot.get().await?;
+        let row = query(&self.sql.trim_feed)
+            .bind(i32::from(partition))
+            .bind(i64::try_from(through).unwrap_or(i64::MAX))
+            .fetch_one(conn)
+            .await
+            .map_err(before_commit)?;
+        let trimmed: i64 = row.try_get(0).map_err(before_commit)?;
+        Ok(usize::try_from(trimmed).unwrap_or(0))
+    }
+
+    async fn try_digest(
+        &self,
+        slot: &mut Slot<'_>,
+        partition: u16,
+    ) -> Result<PartitionDigest, Attempt> {
+        let conn = slot.get().await?;
+        let rows = query(&self.sql.digest)
+            .bind(i32::from(partition))
+            .fetch_all(conn)
+            .await
+            .map_err(before_commit)?;
+        let mut buckets = vec![0u64; usize::from(self.layout.buckets())];
+        for row in &rows {
+            let bucket: i32 = row.try_get(0).map_err(before_commit)?;
+            let fingerprint: i64 = row.try_get(1).map_err(before_commit)?;
+            if let Some(slot) = usize::try_from(bucket)
+                .ok()
+                .and_then(|b| buckets.get_mut(b))
+            {
+                *slot = fingerprint as u64;
+            }
+        }
+        Ok(PartitionDigest::new(buckets))
+    }
+
+    async fn try_bucket_entries(
+        &self,
+        slot: &mut Slot<'_>,
+        partition: u16,
+        bucket: u16,
+    ) -> Result<Vec<(Key, u64)>, Attempt> {
+        let conn = slot.get().await?;
+        let rows = query(&self.sql.bucket_entries)
+            .bind(i32::from(partition))
+            .bind(i32::from(bucket))
+            .fetch_all(conn)
+            .await
+            .map_err(before_commit)?;
+        rows.iter()
+            .map(|row| {
+                let key: String = row.try_get(0).map_err(before_commit)?;
+                let hash: i64 = row.try_get(1).map_err(before_commit)?;
+                Ok((stored_key(key)?, hash as u64))
+            })
+            .collect()
+    }
+
+    async fn try_verify_digest(
+        &self,
+        slot: &mut Slot<'_>,
+        partition: u16,
+    ) -> Result<Vec<u16>, Attempt> {
+        let conn = slot.get().await?;
+        let mut tx = conn
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(before_commit)?;
+        let stored = self
+            .try_digest_rows(&mut tx, &self.sql.digest, partition)
+            .await;
+        let fresh = self
+            .try_digest_rows(&mut tx, &self.sql.recompute_digest, partition)
+            .await;
+        let _ = tx.rollback().await;
+        let (stored, fresh) = (stored?, fresh?);
+        Ok((0..self.layout.buckets())
+            .filter(|b| stored.get(b).copied().unwrap_or(0) != fresh.get(b).copied().unwrap_or(0))
+            .collect())
+    }
+
+    async fn try_digest_rows(
+        &self,
+        tx: &mut PgConnection,
+        statement: &Arc<str>,
+        partition: u16,
+    ) -> Result<HashMap<u16, u64>, Attempt> {
+        let rows = query(statement)
+            .bind(i32::from(partition))
+            .fetch_all(tx)
+            .await
+            .map_err(before_commit)?;
+        let mut out = HashMap::new();
+        for row in &rows {
+            let bucket: i32 = row.try_get(0).map_err(before_commit)?;
+            let fingerprint: i64 = row.try_get(1).map_err(before_commit)?;
+            out.insert(
+                u16::try_from(bucket).unwrap_or(u16::MAX),
+                fingerprint as u64,
+            );
+        }
+        Ok(out)
+    }
+
+    async fn try_cursor(
+        &self,
+        slot: &mut Slot<'_>,
+        origin: &str,
+        partition: u16,
+    ) -> Result<u64, Attempt> {
+        let conn = slot.get().await?;
+        let row = query(&self.sql.cursor)
+            .bind(origin)
+            .bind(i32::from(partition))
+            .fetch_optional(conn)
+            .await
+            .map_err(before_commit)?;
+        match row {
+            None => Ok(0),
+            Some(row) => Ok(unsigned(row.try_get(0).map_err(before_commit)?)),
+        }
+    }
+
+    async fn try_advance_cursor(
+        &self,
+        slot: &mut Slot<'_>,
+        origin: &str,
+        partition: u16,
+        seq: i64,
+    ) -> Result<u64, Attempt> {
+        let conn = slot.get().await?;
+        // Idempotent (GREATEST), so safe to retry even when a broken connection leaves the
+        // first attempt's outcome unknown.
+        let row = query(&self.sql.advance_cursor)
+            .bind(origin)
+            .bind(i32::from(partition))
+            .bind(seq)
+            .fetch_one(conn)
+            .await
+            .map_err(before_commit)?;
+        Ok(unsigned(row.try_get(0).map_err(before_commit)?))
+    }
+
+    async fn try_append_conflict(
+        &self,
+        slot: &mut Slot<'_>,
+        record: &[u8],
+    ) -> Result<u64, Attempt> {
+        let conn = slot.get().await?;
+        let row = query(&self.sql.append_conflict)
+            .bind(record)
+            .bind(CONFLICTS_MAX as i64)
+            .fetch_one(conn)
+            .await
+            // Not idempotent: a broken connection is reported, never retried.
+            .map_err(at_commit)?;
+        Ok(unsigned(row.try_get(0).map_err(before_commit)?))
+    }
+
+    async fn try_read_conflicts(
+        &self,
+        slot: &mut Slot<'_>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, Attempt> {
+        let conn = slot.get().await?;
+        let rows = query(&self.sql.read_conflicts)
+            .bind(i64::try_from(after).unwrap_or(i64::MAX))
+            .bind(limit as i64)
+            .fetch_all(conn)
+            .await
+            .map_err(before_commit)?;
+        rows.iter()
+            .map(|row| {
+                let seq: i64 = row.try_get(0).map_err(before_commit)?;
+                let record: Vec<u8> = row.try_get(1).map_err(before_commit)?;
+                Ok((unsigned(seq), record))
+            })
+            .collect()
+    }
+}
+
+/// Runs a value read on an eligible replica if there is one, else (or if it fails) on the
+/// primary with retries. `$attempt` is an expression using the slot named `$slot`.
+macro_rules! routed_read {
+    ($shared:expr, $what:expr, $slot:ident => $attempt:expr) => {{
+        let shared: &Shared = $shared;
+        let mut on_replica = None;
+        if let Some(index) = shared.replicas.pick(&shared.rng) {
+            let mut $slot = Slot::new(shared.replicas.pool(index));
+            match $attempt.await {
+                Ok(value) => {
+                    shared.stats.replica_reads.fetch_add(1, Relaxed);
+                    shared.replicas.note_read(index);
+                    on_replica = Some(value);
+                }
+                Err(e) => {
+                    $slot.discard();
+                    let error = match e {
+                        Attempt::Retry { error, .. } => error,
+                        Attempt::Fail(e) => e.to_string(),
+                    };
+                    shared.replicas.mark_failed(index, error);
+                    shared.stats.replica_fallbacks.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        match on_replica {
+            Some(value) => Ok(value),
+            None => {
+                shared.stats.primary_reads.fetch_add(1, Relaxed);
+                let mut $slot = Slot::new(&shared.primary);
+                let mut tries = 0;
+                loop {
+                    let r = $attempt.await;
+                    if let Some(done) = shared.settle(r, &mut $slot, &mut tries, $what).await {
+                        break done;
+                    }
+                }
+            }
+        }
+    }};
+}
+
+/// Runs `$attempt` (using the primary slot `$slot`) until it settles.
+macro_rules! on_primary {
+    ($shared:expr, $what:expr, $slot:ident => $attempt:expr) => {{
+        let shared: &Shared = $shared;
+        let mut $slot = Slot::new(&shared.primary);
+        let mut tries = 0;
+        loop {
+            let r = $attempt.await;
+            if let Some(done) = shared.settle(r, &mut $slot, &mut tries, $what).await {
+                break done;
+            }
+        }
+    }};
+}
+
+impl StateBackend for PostgresBackend {
+    fn layout(&self) -> &Layout {
+        &self.shared.layout
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<Stored>, BackendError> {
+        let sh = &*self.shared;
+        let raw = routed_read!(sh, "get", slot => sh.try_get(&mut slot, key))?;
+        match raw {
+            None => Ok(None),
+            Some((envelope, version)) => Ok(Some(Stored {
+                value: decode_value(key, &envelope)?,
+                version: unsigned(version),
+            })),
+        }
+    }
+
+    async fn get_many(
+        &self,
+        keys: &[Key],
+    ) -> Result<Vec<Result<Option<Stored>, BackendError>>, BackendError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sh = &*self.shared;
+        let names: Vec<String> = keys.iter().map(|k| k.as_str().to_string()).collect();
+        let rows = routed_read!(sh, "get_many", slot => sh.try_get_many(&mut slot, &names))?;
+        let found: HashMap<String, (Vec<u8>, i64)> = rows
+            .into_iter()
+            .map(|(key, envelope, version)| (key, (envelope, version)))
+            .collect();
+        Ok(keys
+            .iter()
+            .map(|key| match found.get(key.as_str()) {
+                None => Ok(None),
+                Some((envelope, version)) => Ok(Some(Stored {
+                    value: decode_value(key, envelope)?,
+                    version: unsigned(*version),
+                })),
+            })
+            .collect())
+    }
+
+    async fn apply(&self, write: LocalWrite) -> Result<Receipt, BackendError> {
+        let sh = &*self.shared;
+        let mut slot = Slot::new(&sh.primary);
+        sh.apply_one(&mut slot, &write).await
+    }
+
+    async fn apply_many(
+        &self,
+        writes: Vec<LocalWrite>,
+    ) -> Result<Vec<Result<Receipt, BackendError>>, BackendError> {
+        let sh = &*self.shared;
+        let mut slot = Slot::new(&sh.primary);
+        let mut out = Vec::with_capacity(writes.len());
+        for write in &writes {
+            out.push(sh.apply_one(&mut slot, write).await);
+        }
+        Ok(out)
+    }
+
+    async fn merge(&self, key: &Key, delta: &Crdt) -> Result<Receipt, BackendError> {
+        let sh = &*self.shared;
+        let mut slot = Slot::new(&sh.primary);
+        sh.merge_one(&mut slot, key, delta).await
+    }
+
+    async fn merge_many(
+        &self,
+        items: &[(Key, Crdt)],
+    ) -> Result<Vec<Result<Receipt, BackendError>>, BackendError> {
+        let sh = &*self.shared;
+        let mut slot = Slot::new(&sh.primary);
+        let mut out = Vec::with_capacity(items.len());
+        for (key, delta) in items {
+            out.push(sh.merge_one(&mut slot, key, delta).await);
+        }
+        Ok(out)
+    }
+
+    async fn delete(&self, key: &Key) -> Result<bool, BackendError> {
+        let deleted = self.shared.delete_keys(std::slice::from_ref(key)).await?;
+        Ok(deleted.first().copied().unwrap_or(false))
+    }
+
+    async fn delete_many(&self, keys: &[Key]) -> Result<Vec<bool>, BackendError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.shared.delete_keys(keys).await
+    }
+
+    async fn scan(
+        &self,
+        prefix: &str,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<ScanPage, BackendError> {
+        let limit = page_limit(limit)?;
+        let nothing = ScanPage {
+            items: Vec::new(),
+            next: None,
+        };
+        // No key holds a control character, so no key starts with such a prefix (and text
+        // parameters cannot carry NUL).
+        if prefix.chars().any(char::is_control) {
+            return Ok(nothing);
+        }
+        let upper = prefix_successor(prefix);
+        let (lower, exclusive) = match after {
+            Some(a) if a.as_str() >= prefix => (a.as_str(), true),
+            _ => (prefix, false),
+        };
+        if upper.as_deref().is_some_and(|u| lower >= u) {
+            return Ok(nothing);
+        }
+        let sh = &*self.shared;
+        let statement = match (exclusive, upper.is_some()) {
+            (false, false) => &sh.sql.scan_ge,
+            (true, false) => &sh.sql.scan_gt,
+            (false, true) => &sh.sql.scan_ge_lt,
+            (true, true) => &sh.sql.scan_gt_lt,
+        };
+        let fetch = limit as i64 + 1;
+        let mut rows = routed_read!(sh, "scan", slot =>
+            sh.try_scan(&mut slot, statement, lower, upper.as_deref(), fetch))?;
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let mut items = Vec::with_capacity(rows.len());
+        for (name, envelope, version) in rows {
+            let key = stored_key(name).map_err(|e| match e {
+                Attempt::Fail(e) => e,
+                Attempt::Retry { error, .. } => BackendError::Unavailable(error),
+            })?;
+            let value = decode_value(&key, &envelope).map(|value| Stored {
+                value,
+                version: unsigned(version),
+            });
+            items.push(ScanItem { key, value });
+        }
+        let next = if more {
+            items.last().map(|i| i.key.clone())
+        } else {
+            None
+        };
+        Ok(ScanPage { items, next })
+    }
+
+    async fn read_feed(
+        &self,
+        partition: u16,
+        after: u64,
+        limit: usize,
+    ) -> Result<FeedPage, BackendError> {
+        let limit = page_limit(limit)?;
+        self.shared.layout.check_partition(partition)?;
+        let sh = &*self.shared;
+        on_primary!(sh, "read_feed", slot => sh.try_read_feed(&mut slot, partition, after, limit))
+    }
+
+    async fn trim_feed(&self, partition: u16, through: u64) -> Result<usize, BackendError> {
+        self.shared.layout.check_partition(partition)?;
+        let sh = &*self.shared;
+        on_primary!(sh, "trim_feed", slot => sh.try_trim_feed(&mut slot, partition, through))
+    }
+
+    async fn digest(&self, partition: u16) -> Result<PartitionDigest, BackendError> {
+        self.shared.layout.check_partition(partition)?;
+        let sh = &*self.shared;
+        on_primary!(sh, "digest", slot => sh.try_digest(&mut slot, partition))
+    }
+
+    async fn bucket_entries(
+        &self,
+        partition: u16,
+        bucket: u16,
+    ) -> Result<Vec<(Key, u64)>, BackendError> {
+        let layout = &self.shared.layout;
+        if bucket >= layout.buckets() {
+            return Err(BackendError::InvalidArgument(format!(
+                "bucket {bucket} out of range 0..{}",
+                layout.buckets()
+            )));
+        }
+        layout.check_partition(partition)?;
+        let sh = &*self.shared;
+        on_primary!(sh, "bucket_entries", slot =>
+            sh.try_bucket_entries(&mut slot, partition, bucket))
+    }
+
+    async fn cursor(&self, origin: &str, partition: u16) -> Result<u64, BackendError> {
+        check_origin(origin)?;
+        self.shared.layout.check_partition(partition)?;
+        let sh = &*self.shared;
+        on_primary!(sh, "cursor", slot => sh.try_cursor(&mut slot, origin, partition))
+    }
+
+    async fn advance_cursor(
+        &self,
+        origin: &str,
+        partition: u16,
+        seq: u64,
+    ) -> Result<u64, BackendError> {
+        check_origin(origin)?;
+        self.shared.layout.check_partition(partition)?;
+        let seq = signed(seq, "cursor sequence number")?;
+        let sh = &*self.shared;
+        on_primary!(sh, "advance_cursor", slot =>
+            sh.try_advance_cursor(&mut slot, origin, partition, seq))
+    }
+
+    async fn append_conflict(&self, record: Vec<u8>) -> Result<u64, BackendError> {
+        let sh = &*self.shared;
+        on_primary!(sh, "append_conflict", slot => sh.try_append_conflict(&mut slot, &record))
+    }
+
+    async fn read_conflicts(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, BackendError> {
+        let limit = page_limit(limit)?;
+        let sh = &*self.shared;
+        on_primary!(sh, "read_conflicts", slot => sh.try_read_conflicts(&mut slot, after, limit))
+    }
+}
+
+#[cfg(feature = "testing")]
+impl Shared {
+    async fn try_raw_put(
+        &self,
+        slot: &mut Slot<'_>,
+        key: &Key,
+        bytes: &[u8],
+    ) -> Result<(), Attempt> {
+        let conn = slot.get().await?;
+        let mut tx = conn.begin().await.map_err(before_commit)?;
+        let outcome = self.raw_put_in(&mut tx, key, bytes).await;
+        finish(tx, outcome).await
+    }
+
+    async fn raw_put_in(
+        &self,
+        tx: &mut PgConnection,
+        key: &Key,
+        bytes: &[u8],
+    ) -> Result<Step<()>, Attempt> {
+        let locked = self.lock_row(tx, key).await?;
+        let value_hash = match envelope::decode(bytes, &envelope::Limits::default()) {
+            Ok(value) => crate::digest::value_hash(&value)?,
+            Err(_) => raw_hash(bytes),
+        };
+        let prepared = Prepared {
+            envelope: bytes.to_vec(),
+            value_hash,
+            entry_hash: entry_hash(key, value_hash),
+        };
+        let old = locked.map(|row| row.entry_hash);
+        self.store(tx, key, old, prepared, None).await?;
+        Ok(Step::Commit(()))
+    }
+
+    async fn try_raw_get(
+        &self,
+        slot: &mut Slot<'_>,
+        key: &Key,
+    ) -> Result<Option<Vec<u8>>, Attempt> {
+        let conn = slot.get().await?;
+        let row = query(&self.sql.raw_get)
+            .bind(key.as_str())
+            .fetch_optional(conn)
+            .await
+            .map_err(before_commit)?;
+        row.map(|row| row.try_get(0).map_err(before_commit))
+            .transpose()
+    }
+}
+
+#[cfg(feature = "testing")]
+impl crate::RawAccess for PostgresBackend {
+    async fn raw_put(&self, key: &Key, bytes: Vec<u8>) -> Result<(), BackendError> {
+        let sh = &*self.shared;
+        on_primary!(sh, "raw_put", slot => sh.try_raw_put(&mut slot, key, &bytes))
+    }
+
+    async fn raw_get(&self, key: &Key) -> Result<Option<Vec<u8>>, BackendError> {
+        let sh = &*self.shared;
+        on_primary!(sh, "raw_get", slot => sh.try_raw_get(&mut slot, key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_successor;
+
+    #[test]
+    fn successors_bound_prefixes() {
+        assert_eq!(prefix_successor(""), None);
+        assert_eq!(prefix_successor("scan:").as_deref(), Some("scan;"));
+        assert_eq!(prefix_successor("a\u{10ffff}").as_deref(), Some("b"));
+        assert_eq!(prefix_successor("\u{10ffff}"), None);
+        assert_eq!(prefix_successor("x\u{d7ff}").as_deref(), Some("x\u{e000}"));
+        for (prefix, inside, outside) in [
+            ("scan:", "scan:\u{e9}", "scan;"),
+            ("\u{e9}", "\u{e9}\u{10ffff}", "\u{ea}"),
+            ("a\u{7f}", "a\u{7f}z", "a\u{80}"),
+        ] {
+            let successor = prefix_successor(prefix).unwrap_or_default();
+            assert!(inside < successor.as_str() && inside.starts_with(prefix));
+            assert!(outside >= successor.as_str() && !outside.starts_with(prefix));
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! The store's SQL, schema-qualified once per backend.
+//!
+//! Every statement names its tables as `"schema".table`, so the store never depends on a
+//! connection's `search_path` (only migrations run with one). The schema name is checked by
+//! [`super::config::check_schema_name`] before it is spliced in: it can hold nothing but
+//! lowercase letters, digits and `_`.
+
+use std::sync::Arc;
+
+use sqlx::postgres::{PgArguments, Postgres};
+use sqlx::query::Query;
+use sqlx::AssertSqlSafe;
+
+/// The partition-row update every write starts with: the next version, the next feed
+/// sequence number when `$7` is 1, and the feed trimmed to `$8` entries. `prev_trimmed`
+/// returns where trimming stood before, so `t` deletes exactly the entries trimmed now.
+///
+/// Parameters: `$1` partition, `$2` key, `$3` bucket, `$4` envelope, `$5` value hash,
+/// `$6` entry hash, `$7` 1 if fed else 0, `$8` feed entries kept, `$9` delta envelope (NULL
+/// when not fed), `$10` origin actor, `$11` HLC milliseconds, `$12` HLC logical, `$13` XOR to
+/// apply to the bucket fingerprint.
+const WRITE_HEAD: &str = r#"
+WITH p AS (
+    UPDATE {s}.gs_partitions
+       SET version_clock = version_clock + 1,
+           last_seq = last_seq + $7,
+           prev_trimmed = trimmed_through,
+           trimmed_through = GREATEST(trimmed_through, last_seq + $7 - $8)
+     WHERE partition = $1
+ RETURNING version_clock, last_seq, prev_trimmed, trimmed_through
+), "#;
+
+const WRITE_TAIL: &str = r#",
+f AS (
+    INSERT INTO {s}.gs_feed (partition, seq, key, delta, origin, hlc_ms, hlc_logical)
+    SELECT $1, p.last_seq, $2, $9, $10, $11, $12 FROM p WHERE $7 = 1
+), t AS (
+    DELETE FROM {s}.gs_feed AS e USING p
+     WHERE e.partition = $1 AND e.seq > p.prev_trimmed AND e.seq <= p.trimmed_through
+), d AS (
+    INSERT INTO {s}.gs_digests AS g (partition, bucket, fingerprint) VALUES ($1, $3, $13)
+    ON CONFLICT (partition, bucket) DO UPDATE SET fingerprint = g.fingerprint # EXCLUDED.fingerprint
+)
+SELECT version_clock, last_seq FROM p"#;
+
+const INSERT_VALUE: &str = r#"v AS (
+    INSERT INTO {s}.gs_values (key, partition, bucket, envelope, version, value_hash, entry_hash)
+    SELECT $2, $1, $3, $4, p.version_clock, $5, $6 FROM p
+)"#;
+
+const UPDATE_VALUE: &str = r#"v AS (
+    UPDATE {s}.gs_values AS x
+       SET envelope = $4, version = p.version_clock, value_hash = $5, entry_hash = $6
+      FROM p
+     WHERE x.key = $2
+)"#;
+
+/// Every statement of the store, for one schema.
+#[derive(Debug)]
+pub(crate) struct Sql {
+    pub lock_value: Arc<str>,
+    pub write_new: Arc<str>,
+    pub write_existing: Arc<str>,
+    pub get: Arc<str>,
+    pub get_many: Arc<str>,
+    pub scan_ge: Arc<str>,
+    pub scan_gt: Arc<str>,
+    pub scan_ge_lt: Arc<str>,
+    pub scan_gt_lt: Arc<str>,
+    pub delete: Arc<str>,
+    pub read_feed: Arc<str>,
+    pub trim_feed: Arc<str>,
+    pub digest: Arc<str>,
+    pub bucket_entries: Arc<str>,
+    pub cursor: Arc<str>,
+    pub advance_cursor: Arc<str>,
+    pub append_conflict: Arc<str>,
+    pub read_conflicts: Arc<str>,
+    pub pin_layout: Arc<str>,
+    pub read_layout: Arc<str>,
+    pub init_partitions: Arc<str>,
+    pub recompute_digest: Arc<str>,
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub raw_get: Arc<str>,
+}
+
+impl Sql {
+    /// The statements for `schema` (already checked by `check_schema_name`).
+    pub fn new(schema: &str) -> Self {
+        let ident = format!("\"{schema}\"");
+        let s = |template: &str| -> Arc<str> { template.replace("{s}", &ident).into() };
+        let scan = |condition: &str| {
+            s(&format!(
+                "SELECT key, envelope, version FROM {{s}}.gs_values WHERE {condition} \
+                 ORDER BY key LIMIT $3"
+            ))
+        };
+        Self {
+            lock_value: s(
+                "SELECT envelope, version, entry_hash FROM {s}.gs_values WHERE key = $1 FOR UPDATE",
+            ),
+            write_new: s(&format!("{WRITE_HEAD}{INSERT_VALUE}{WRITE_TAIL}")),
+            write_existing: s(&format!("{WRITE_HEAD}{UPDATE_VALUE}{WRITE_TAIL}")),
+            get: s("SELECT envelope, version FROM {s}.gs_values WHERE key = $1"),
+            get_many: s("SELECT key, envelope, version FROM {s}.gs_values WHERE key = ANY($1)"),
+            // $1 lower bound, $2 upper bound (exclusive; unused without one), $3 limit.
+            scan_ge: scan("key >= $1 AND $2::text IS NULL"),
+            scan_gt: scan("key > $1 AND $2::text IS NULL"),
+            scan_ge_lt: scan("key >= $1 AND key < $2"),
+            scan_gt_lt: scan("key > $1 AND key < $2"),
+            // Deletes the keys of the array $1 and XORs their entry hashes out of their
+            // buckets. Key rows are locked in index (key) order; concurrent batches may still
+            // meet on digest rows in different orders, a deadlock PostgreSQL breaks and the
+            // store retries.
+            delete: s(r#"
+WITH d AS (
+    DELETE FROM {s}.gs_values WHERE key = ANY($1) RETURNING key, partition, bucket, entry_hash
+), x AS (
+    SELECT partition, bucket, bit_xor(entry_hash) AS xor FROM d GROUP BY partition, bucket
+), u AS (
+    UPDATE {s}.gs_digests AS g SET fingerprint = g.fingerprint # x.xor
+      FROM x WHERE g.partition = x.partition AND g.bucket = x.bucket
+)
+SELECT key FROM d"#),
+            // One statement, so the bounds and the entries come from one snapshot.
+            read_feed: s(r#"
+SELECT p.last_seq, p.trimmed_through, e.seq, e.key, e.delta, e.origin, e.hlc_ms, e.hlc_logical
+  FROM {s}.gs_partitions AS p
+  LEFT JOIN LATERAL (
+        SELECT seq, key, delta, origin, hlc_ms, hlc_logical FROM {s}.gs_feed
+         WHERE partition = $1 AND seq > $2 ORDER BY seq LIMIT $3
+  ) AS e ON true
+ WHERE p.partition = $1
+ ORDER BY e.seq"#),
+            trim_feed: s(r#"
+WITH p AS (
+    UPDATE {s}.gs_partitions
+       SET prev_trimmed = trimmed_through,
+           trimmed_through = GREATEST(trimmed_through, LEAST($2, last_seq))
+     WHERE partition = $1
+ RETURNING prev_trimmed, trimmed_through
+), d AS (
+    DELETE FROM {s}.gs_feed AS e USING p
+     WHERE e.partition = $1 AND e.seq > p.prev_trimmed AND e.seq <= p.trimmed_through
+ RETURNING 1
+)
+SELECT count(*) FROM d"#),
+            digest: s("SELECT bucket, fingerprint FROM {s}.gs_digests WHERE partition = $1"),
+            bucket_entries: s(
+                "SELECT key, value_hash FROM {s}.gs_values WHERE partition = $1 AND bucket = $2 \
+                 ORDER BY key",
+            ),
+            cursor: s("SELECT seq FROM {s}.gs_cursors WHERE origin = $1 AND partition = $2"),
+            advance_cursor: s(r#"
+INSERT INTO {s}.gs_cursors AS c (origin, partition, seq) VALUES ($1, $2, $3)
+ON CONFLICT (origin, partition) DO UPDATE SET seq = GREATEST(c.seq, EXCLUDED.seq)
+RETURNING seq"#),
+            // The counter row serialises appends: sequence numbers are contiguous and in
+            // commit order, so a reader resuming "after" a number never skips a record.
+            append_conflict: s(r#"
+WITH c AS (
+    UPDATE {s}.gs_conflict_log SET last_seq = last_seq + 1 RETURNING last_seq
+), i AS (
+    INSERT INTO {s}.gs_conflicts (seq, record) SELECT last_seq, $1 FROM c
+), d AS (
+    DELETE FROM {s}.gs_conflicts WHERE seq = (SELECT last_seq FROM c) - $2
+)
+SELECT last_seq FROM c"#),
+            read_conflicts: s(
+                "SELECT seq, record FROM {s}.gs_conflicts WHERE seq > $1 ORDER BY seq LIMIT $2",
+            ),
+            pin_layout: s(
+                "INSERT INTO {s}.gs_meta (id, partitions, buckets) VALUES (true, $1, $2) \
+                 ON CONFLICT (id) DO NOTHING",
+            ),
+            read_layout: s("SELECT partitions, buckets FROM {s}.gs_meta"),
+            init_partitions: s(
+                "INSERT INTO {s}.gs_partitions (partition) SELECT generate_series(0, $1 - 1) \
+                 ON CONFLICT (partition) DO NOTHING",
+            ),
+            // The fingerprints recomputed from the stored entry hashes (for verification).
+            recompute_digest: s(
+                "SELECT bucket, bit_xor(entry_hash) FROM {s}.gs_values WHERE partition = $1 \
+                 GROUP BY bucket",
+            ),
+            raw_get: s("SELECT envelope FROM {s}.gs_values WHERE key = $1"),
+        }
+    }
+}
+
+/// A query of one of the statements above.
+pub(crate) fn query(sql: &Arc<str>) -> Query<'static, Postgres, PgArguments> {
+    sqlx::query(AssertSqlSafe(Arc::clone(sql)))
+}
