@@ -6,12 +6,14 @@
 //! async driver ([`crate::driver`]) and the simulator both run this same logic.
 //!
 //! ## Feed shipping
-//! Every `poll_interval_ms` the core asks each peer for its partitions' newest feed sequence
-//! numbers ([`Request::Heads`]) and fetches, for each partition ahead of its cursor, a bounded
-//! page of entries ([`Request::Feed`]). It applies a page by idempotent merge and advances the
-//! cursor in its own store only after the merges ([`LocalOp::ApplyFeed`]), so a crash at any
-//! point loses nothing and re-applying a page changes nothing. A full page is followed at once
-//! by the next.
+//! For each peer the core keeps one long poll out ([`Request::Heads`]) carrying its cursor for
+//! every partition. The peer answers with pages of the entries after those cursors, holding the
+//! poll (up to `pull_wait_ms`) while it has nothing new, so a write reaches the puller about
+//! one one-way latency after the poll is back at the peer. The core applies each page by
+//! idempotent merge and advances the cursor in its own store only after the merges
+//! ([`LocalOp::ApplyFeed`]), so a crash at any point loses nothing and re-applying a page
+//! changes nothing; the next poll goes out once the page's merges are done, with the new
+//! cursors. Partitions a page limit left behind are fetched with [`Request::Feed`].
 //!
 //! ## Anti-entropy
 //! When a peer's feed was trimmed past the cursor, the cursor jumps to the oldest entry still
@@ -34,8 +36,13 @@ use crate::wire::{Request, Response, WireEntry};
 pub struct CoreConfig {
     /// Partitions of the keyspace (must match every region's layout).
     pub partitions: u16,
-    /// How often to ask each peer for its feed heads.
+    /// Least time between sending two polls to a peer when the first one got no answer (a
+    /// failure also backs off); after an answer the next poll goes out as soon as the answer's
+    /// pages are applied.
     pub poll_interval_ms: u64,
+    /// How long a peer may hold a heads poll that has nothing new (a long poll): a write at
+    /// the peer answers it at once, so replication lag is about one one-way latency.
+    pub pull_wait_ms: u64,
     /// Most entries per feed request.
     pub feed_batch_max: u32,
     /// Most requests in flight to one peer.
@@ -59,6 +66,7 @@ impl Default for CoreConfig {
         Self {
             partitions: 256,
             poll_interval_ms: 100,
+            pull_wait_ms: 1_000,
             feed_batch_max: 512,
             requests_in_flight_max: 16,
             request_timeout_ms: 2_000,
@@ -183,6 +191,9 @@ pub enum LocalResult {
     Merged {
         /// How many were merged.
         merged: usize,
+        /// The value hash of each merged key after the merge (see
+        /// `geostate_backends::digest::value_hash`).
+        hashes: Vec<(String, u64)>,
     },
 }
 
@@ -229,8 +240,14 @@ enum Round {
         remote: Option<Vec<(String, u64)>>,
         local: Option<Vec<(String, u64)>>,
     },
+    /// Pull the peer's differing states first, then push only the keys that still differ
+    /// from the peer's after the merge (a key the peer simply had newer needs no push).
     Exchange {
         partition: u16,
+        /// The peer's hashes of the differing keys.
+        remote: BTreeMap<String, u64>,
+        /// Our keys that differed before the pull.
+        push: Vec<String>,
         pulled: Option<()>,
         pushed: Option<()>,
     },
@@ -260,6 +277,8 @@ struct Peer {
     urgent: BTreeSet<u16>,
     next_sweep_partition: u16,
     next_sweep_ms: u64,
+    /// Feed pages being merged; the next poll waits for them so it carries fresh cursors.
+    applying: usize,
     /// Requests of the current round waiting for an in-flight slot.
     deferred: VecDeque<(Request, Purpose)>,
     lag_ms: Histogram<u64>,
@@ -271,6 +290,8 @@ enum Purpose {
     Cursors,
     Heads {
         peer: PeerId,
+        /// The cursors the poll was sent with (`u64::MAX` for partitions being fetched).
+        after: Vec<u64>,
     },
     Feed {
         peer: PeerId,
@@ -333,7 +354,7 @@ struct Pending {
 /// let Command::Local { id, op: LocalOp::LoadCursors } = commands[0].clone() else { panic!() };
 /// // ...and once they are loaded, the first poll asks the peer for its feed heads.
 /// let commands = core.handle(0, Event::Local { id, result: Ok(LocalResult::Cursors(vec![vec![0, 0]])) });
-/// assert!(commands.iter().any(|c| matches!(c, Command::Send { request: Request::Heads, .. })));
+/// assert!(commands.iter().any(|c| matches!(c, Command::Send { request: Request::Heads { .. }, .. })));
 /// ```
 #[derive(Debug)]
 pub struct ReplicatorCore {
@@ -377,6 +398,7 @@ impl ReplicatorCore {
                 next_sweep_partition: (i as u16).wrapping_mul(7) % config.partitions.max(1),
                 next_sweep_ms: 0,
                 deferred: VecDeque::new(),
+                applying: 0,
                 lag_ms: histogram(),
             })
             .collect();
@@ -507,12 +529,18 @@ impl ReplicatorCore {
     }
 
     fn send(&mut self, peer: PeerId, request: Request, purpose: Purpose) -> Command {
-        let id = self.issue(purpose, Some(self.now_ms + self.config.request_timeout_ms));
+        // A long poll may be held by the peer for up to its wait before it is answered.
+        let held_ms = match &request {
+            Request::Heads { wait_ms, .. } => u64::from(*wait_ms),
+            _ => 0,
+        };
+        let deadline = self.now_ms + held_ms + self.config.request_timeout_ms;
+        let id = self.issue(purpose, Some(deadline));
         self.peers[peer].in_flight += 1;
         self.stats.requests += 1;
         let bytes = request.wire_bytes() as u64;
         match request {
-            Request::Heads | Request::Feed { .. } => self.stats.feed_bytes += bytes,
+            Request::Heads { .. } | Request::Feed { .. } => self.stats.feed_bytes += bytes,
             _ => self.stats.ae_bytes += bytes,
         }
         Command::Send { id, peer, request }
@@ -558,7 +586,7 @@ impl ReplicatorCore {
     fn peer_of(purpose: &Purpose) -> Option<PeerId> {
         match *purpose {
             Purpose::Cursors => None,
-            Purpose::Heads { peer }
+            Purpose::Heads { peer, .. }
             | Purpose::Feed { peer, .. }
             | Purpose::Apply { peer, .. }
             | Purpose::RemoteDigest { peer }
@@ -612,12 +640,39 @@ impl ReplicatorCore {
         let failures_in_a_row = std::mem::take(&mut self.peers[peer].failures_in_a_row);
         let bytes = response.wire_bytes() as u64;
         match (&purpose, response) {
-            (Purpose::Heads { .. }, Response::Heads { last_seqs }) => {
+            (Purpose::Heads { after, .. }, Response::Heads { last_seqs, pages }) => {
                 self.stats.feed_bytes += bytes;
                 let p = &mut self.peers[peer];
                 p.heads_in_flight = false;
+                // A long poll came back: poll again at once (the peer holds it until there
+                // is something new, so this does not spin).
+                p.next_heads_ms = now_ms;
                 for (link, head) in p.links.iter_mut().zip(last_seqs) {
                     link.head = link.head.max(head);
+                }
+                for page in pages {
+                    let index = usize::from(page.partition);
+                    if let Some(link) = self.peers[peer].links.get_mut(index) {
+                        link.head = link.head.max(page.last_seq);
+                    }
+                    let Some(link) = self.peers[peer].links.get(index) else {
+                        continue;
+                    };
+                    // Only a page cut at the cursor we still stand at, for a partition no one
+                    // else is fetching, is taken; anything else is fetched again.
+                    let sent = after.get(index).copied().unwrap_or(u64::MAX);
+                    if link.fetching || sent != link.cursor {
+                        continue;
+                    }
+                    self.peers[peer].links[index].fetching = true;
+                    self.accept_page(
+                        peer,
+                        page.partition,
+                        page.entries,
+                        page.first_seq,
+                        page.last_seq,
+                        out,
+                    );
                 }
             }
             (
@@ -630,40 +685,7 @@ impl ReplicatorCore {
             ) => {
                 self.stats.feed_bytes += bytes;
                 let partition = *partition;
-                let cursor = self.peers[peer].links[usize::from(partition)].cursor;
-                let link = &mut self.peers[peer].links[usize::from(partition)];
-                link.head = link.head.max(last_seq);
-                // Entries after the cursor were trimmed before we read them: repair the
-                // partition by anti-entropy and carry on from what the peer still holds.
-                let gap = cursor < last_seq && cursor.saturating_add(1) < first_seq;
-                let mut base = cursor;
-                if gap {
-                    self.stats.gaps += 1;
-                    self.peers[peer].urgent.insert(partition);
-                    base = first_seq.saturating_sub(1);
-                }
-                let entries: Vec<WireEntry> =
-                    entries.into_iter().filter(|e| e.seq > base).collect();
-                let advance_to = entries.last().map_or(base, |e| e.seq);
-                if advance_to == cursor {
-                    self.peers[peer].links[usize::from(partition)].fetching = false;
-                    return;
-                }
-                let hlc_ms = entries.iter().map(|e| e.hlc.physical_ms()).collect();
-                out.push(self.local(
-                    LocalOp::ApplyFeed {
-                        peer,
-                        partition,
-                        entries,
-                        advance_to,
-                    },
-                    Purpose::Apply {
-                        peer,
-                        partition,
-                        advance_to,
-                        hlc_ms,
-                    },
-                ));
+                self.accept_page(peer, partition, entries, first_seq, last_seq, out);
             }
             (Purpose::RemoteDigest { .. }, Response::Digest { buckets }) => {
                 self.stats.ae_bytes += bytes;
@@ -687,7 +709,7 @@ impl ReplicatorCore {
                     .collect();
                 self.stats.ae_keys += states.len() as u64;
                 if states.is_empty() {
-                    self.pulled(peer, out);
+                    self.pulled(peer, &[], out);
                 } else {
                     out.push(self.local(
                         LocalOp::MergeStates { states },
@@ -712,16 +734,67 @@ impl ReplicatorCore {
         }
     }
 
+    /// Applies a page of `peer`'s feed for `partition` (whose `fetching` flag is set): skips
+    /// what the cursor already covers, detects a gap (entries trimmed before we read them:
+    /// repair by anti-entropy, carry on from what the peer still holds) and asks for the merge.
+    fn accept_page(
+        &mut self,
+        peer: PeerId,
+        partition: u16,
+        entries: Vec<WireEntry>,
+        first_seq: u64,
+        last_seq: u64,
+        out: &mut Vec<Command>,
+    ) {
+        let index = usize::from(partition);
+        let cursor = self.peers[peer].links[index].cursor;
+        let link = &mut self.peers[peer].links[index];
+        link.head = link.head.max(last_seq);
+        let gap = cursor < last_seq && cursor.saturating_add(1) < first_seq;
+        let mut base = cursor;
+        if gap {
+            self.stats.gaps += 1;
+            self.peers[peer].urgent.insert(partition);
+            base = first_seq.saturating_sub(1);
+        }
+        let entries: Vec<WireEntry> = entries.into_iter().filter(|e| e.seq > base).collect();
+        let advance_to = entries.last().map_or(base, |e| e.seq);
+        if advance_to == cursor {
+            self.peers[peer].links[index].fetching = false;
+            return;
+        }
+        let hlc_ms = entries.iter().map(|e| e.hlc.physical_ms()).collect();
+        self.peers[peer].applying += 1;
+        out.push(self.local(
+            LocalOp::ApplyFeed {
+                peer,
+                partition,
+                entries,
+                advance_to,
+            },
+            Purpose::Apply {
+                peer,
+                partition,
+                advance_to,
+                hlc_ms,
+            },
+        ));
+    }
+
     /// Forgets the work a failed request was part of, so it is retried later.
     fn abandon(&mut self, purpose: Purpose) {
         match purpose {
             Purpose::Cursors | Purpose::Stale { .. } => {}
-            Purpose::Heads { peer } => self.peers[peer].heads_in_flight = false,
-            Purpose::Feed { peer, partition }
-            | Purpose::Apply {
+            Purpose::Heads { peer, .. } => self.peers[peer].heads_in_flight = false,
+            Purpose::Feed { peer, partition } => {
+                self.peers[peer].links[usize::from(partition)].fetching = false;
+            }
+            Purpose::Apply {
                 peer, partition, ..
             } => {
-                self.peers[peer].links[usize::from(partition)].fetching = false;
+                let p = &mut self.peers[peer];
+                p.links[usize::from(partition)].fetching = false;
+                p.applying = p.applying.saturating_sub(1);
             }
             Purpose::RemoteDigest { peer }
             | Purpose::LocalDigest { peer }
@@ -802,6 +875,7 @@ impl ReplicatorCore {
                     peer.in_flight = 0;
                     peer.round = Round::Idle;
                     peer.deferred.clear();
+                    peer.applying = 0;
                     peer.next_heads_ms = now_ms;
                     peer.next_sweep_ms = now_ms
                         + self.config.anti_entropy_interval_ms
@@ -824,6 +898,7 @@ impl ReplicatorCore {
                     p.lag_ms.saturating_record(lag);
                 }
                 self.stats.entries_applied += hlc_ms.len() as u64;
+                p.applying = p.applying.saturating_sub(1);
                 let link = &mut p.links[usize::from(partition)];
                 link.cursor = link.cursor.max(advance_to);
                 link.fetching = false;
@@ -855,8 +930,8 @@ impl ReplicatorCore {
                     self.send_or_defer(peer, Request::Push { states }, Purpose::Push { peer }, out);
                 }
             }
-            (Purpose::MergePulled { peer }, LocalResult::Merged { .. }) => {
-                self.pulled(peer, out);
+            (Purpose::MergePulled { peer }, LocalResult::Merged { hashes, .. }) => {
+                self.pulled(peer, &hashes, out);
             }
             (purpose, _) => {
                 if let Some(peer) = Self::peer_of(&purpose) {
@@ -867,9 +942,35 @@ impl ReplicatorCore {
         }
     }
 
-    fn pulled(&mut self, peer: PeerId, out: &mut Vec<Command>) {
-        if let Round::Exchange { pulled, .. } = &mut self.peers[peer].round {
-            *pulled = Some(());
+    /// The pull half of an exchange is merged: push only our keys whose state still differs
+    /// from the peer's (`hashes` are ours after the merge).
+    fn pulled(&mut self, peer: PeerId, hashes: &[(String, u64)], out: &mut Vec<Command>) {
+        let mut push_now = None;
+        if let Round::Exchange {
+            remote,
+            push,
+            pulled,
+            pushed,
+            ..
+        } = &mut self.peers[peer].round
+        {
+            if pulled.is_none() {
+                *pulled = Some(());
+                let settled: BTreeSet<&str> = hashes
+                    .iter()
+                    .filter(|(k, h)| remote.get(k) == Some(h))
+                    .map(|(k, _)| k.as_str())
+                    .collect();
+                push.retain(|k| !settled.contains(k.as_str()));
+                if push.is_empty() {
+                    *pushed = Some(());
+                } else {
+                    push_now = Some(push.clone());
+                }
+            }
+        }
+        if let Some(keys) = push_now {
+            out.push(self.local(LocalOp::States { keys }, Purpose::LocalStates { peer }));
         }
         self.advance_round(peer, out);
     }
@@ -944,8 +1045,22 @@ impl ReplicatorCore {
                     self.stats.ae_rounds += 1;
                     Round::Idle
                 } else {
-                    let pulled = if pull.is_empty() {
-                        Some(())
+                    let remote: BTreeMap<String, u64> = pull
+                        .iter()
+                        .filter_map(|k| theirs.get(k.as_str()).map(|h| (k.clone(), *h)))
+                        .collect();
+                    if pull.is_empty() {
+                        out.push(self.local(
+                            LocalOp::States { keys: push.clone() },
+                            Purpose::LocalStates { peer },
+                        ));
+                        Round::Exchange {
+                            partition,
+                            remote,
+                            push,
+                            pulled: Some(()),
+                            pushed: None,
+                        }
                     } else {
                         self.send_or_defer(
                             peer,
@@ -953,21 +1068,13 @@ impl ReplicatorCore {
                             Purpose::RemoteStates { peer },
                             out,
                         );
-                        None
-                    };
-                    let pushed = if push.is_empty() {
-                        Some(())
-                    } else {
-                        out.push(self.local(
-                            LocalOp::States { keys: push },
-                            Purpose::LocalStates { peer },
-                        ));
-                        None
-                    };
-                    Round::Exchange {
-                        partition,
-                        pulled,
-                        pushed,
+                        Round::Exchange {
+                            partition,
+                            remote,
+                            push,
+                            pulled: None,
+                            pushed: None,
+                        }
                     }
                 }
             }
@@ -997,20 +1104,54 @@ impl ReplicatorCore {
                 };
                 out.push(self.send(peer, request, purpose));
             }
-            // Heads.
+            // Anti-entropy: urgent partitions first, then the periodic sweep. A round starts
+            // before the poll takes a slot: with a single slot, the poll (sent again as soon as
+            // it is answered, then held by the peer) would otherwise keep it from ever starting.
             let p = &self.peers[peer];
-            if !p.heads_in_flight
-                && p.next_heads_ms <= now_ms
-                && p.in_flight < self.config.requests_in_flight_max
-            {
-                self.peers[peer].heads_in_flight = true;
-                self.peers[peer].next_heads_ms = now_ms + self.config.poll_interval_ms;
-                out.push(self.send(peer, Request::Heads, Purpose::Heads { peer }));
+            if matches!(p.round, Round::Idle) && p.in_flight < self.config.requests_in_flight_max {
+                let partition = if let Some(&urgent) = p.urgent.iter().next() {
+                    self.peers[peer].urgent.remove(&urgent);
+                    Some(urgent)
+                } else if p.next_sweep_ms <= now_ms {
+                    let partition = p.next_sweep_partition;
+                    let p = &mut self.peers[peer];
+                    p.next_sweep_partition = (partition + 1) % self.config.partitions.max(1);
+                    p.next_sweep_ms = now_ms
+                        + (self.config.anti_entropy_interval_ms
+                            / u64::from(self.config.partitions.max(1)))
+                        .max(1);
+                    Some(partition)
+                } else {
+                    None
+                };
+                if let Some(partition) = partition {
+                    self.peers[peer].round = Round::Digest {
+                        partition,
+                        remote: None,
+                        local: None,
+                    };
+                    out.push(self.send(
+                        peer,
+                        Request::Digest { partition },
+                        Purpose::RemoteDigest { peer },
+                    ));
+                    out.push(
+                        self.local(LocalOp::Digest { partition }, Purpose::LocalDigest { peer }),
+                    );
+                }
             }
+            // Heads: a due poll keeps its slot, but goes out after the feed requests, so that
+            // the partitions they fetch are left out of it (`u64::MAX`) rather than sent twice.
+            let p = &self.peers[peer];
+            let heads_due = !p.heads_in_flight
+                && p.applying == 0
+                && p.next_heads_ms <= now_ms
+                && p.in_flight < self.config.requests_in_flight_max;
+            let feed_slots = self.config.requests_in_flight_max - usize::from(heads_due);
             // Feed pages for partitions behind their head.
             for partition in 0..self.config.partitions {
                 let p = &self.peers[peer];
-                if p.in_flight >= self.config.requests_in_flight_max {
+                if p.in_flight >= feed_slots {
                     break;
                 }
                 let link = &p.links[usize::from(partition)];
@@ -1029,39 +1170,20 @@ impl ReplicatorCore {
                     Purpose::Feed { peer, partition },
                 ));
             }
-            // Anti-entropy: urgent partitions first, then the periodic sweep.
-            let p = &self.peers[peer];
-            if !matches!(p.round, Round::Idle) || p.in_flight >= self.config.requests_in_flight_max
-            {
-                continue;
-            }
-            let partition = if let Some(&urgent) = p.urgent.iter().next() {
-                self.peers[peer].urgent.remove(&urgent);
-                Some(urgent)
-            } else if p.next_sweep_ms <= now_ms {
-                let partition = p.next_sweep_partition;
-                let p = &mut self.peers[peer];
-                p.next_sweep_partition = (partition + 1) % self.config.partitions.max(1);
-                p.next_sweep_ms = now_ms
-                    + (self.config.anti_entropy_interval_ms
-                        / u64::from(self.config.partitions.max(1)))
-                    .max(1);
-                Some(partition)
-            } else {
-                None
-            };
-            if let Some(partition) = partition {
-                self.peers[peer].round = Round::Digest {
-                    partition,
-                    remote: None,
-                    local: None,
+            if heads_due {
+                self.peers[peer].heads_in_flight = true;
+                self.peers[peer].next_heads_ms = now_ms + self.config.poll_interval_ms;
+                let after: Vec<u64> = self.peers[peer]
+                    .links
+                    .iter()
+                    .map(|l| if l.fetching { u64::MAX } else { l.cursor })
+                    .collect();
+                let request = Request::Heads {
+                    after: after.clone(),
+                    limit: self.config.feed_batch_max,
+                    wait_ms: u32::try_from(self.config.pull_wait_ms).unwrap_or(u32::MAX),
                 };
-                out.push(self.send(
-                    peer,
-                    Request::Digest { partition },
-                    Purpose::RemoteDigest { peer },
-                ));
-                out.push(self.local(LocalOp::Digest { partition }, Purpose::LocalDigest { peer }));
+                out.push(self.send(peer, request, Purpose::Heads { peer, after }));
             }
         }
     }

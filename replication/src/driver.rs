@@ -30,6 +30,9 @@ pub trait Transport: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Response, String>> + Send;
 }
 
+/// How often an in-process long poll re-checks the peer's feed while it holds the poll.
+const POLL_RECHECK_MS: u64 = 5;
+
 /// A transport between regions living in one process: each peer's requests are served from
 /// its store directly. For tests, examples and single-process deployments.
 #[derive(Debug)]
@@ -54,7 +57,20 @@ impl<B: StateBackend> Transport for InProcessTransport<B> {
             .peers
             .get(peer)
             .ok_or_else(|| format!("unknown peer {peer:?}"))?;
-        Ok(serve(store.as_ref(), request, &self.limits).await)
+        let wait_ms = match &request {
+            Request::Heads { wait_ms, .. } => u64::from(*wait_ms),
+            _ => 0,
+        };
+        // A long poll with nothing new is held (re-checked every few milliseconds) until the
+        // peer has something or the wait runs out.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+        loop {
+            let response = serve(store.as_ref(), request.clone(), &self.limits).await;
+            if !response.is_empty_poll() || tokio::time::Instant::now() >= deadline {
+                return Ok(response);
+            }
+            tokio::time::sleep(Duration::from_millis(POLL_RECHECK_MS)).await;
+        }
     }
 }
 

@@ -2,12 +2,13 @@
 //! [`serve`] answers a peer's [`Request`] from the local store, and [`execute`] carries out a
 //! core's [`LocalOp`] on it.
 
+use geostate_backends::digest::value_hash;
 use geostate_backends::{BackendError, Key, StateBackend};
 use geostate_crdt::envelope::{self, Limits, Options};
 use geostate_crdt::Crdt;
 
 use crate::core::{LocalOp, LocalResult};
-use crate::wire::{Request, Response, WireEntry};
+use crate::wire::{Page, Request, Response, WireEntry};
 
 /// Bounds on what one request may ask of the serving store.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +41,23 @@ fn encode(value: &Crdt) -> Result<Vec<u8>, BackendError> {
     envelope::encode(value, &Options::default()).map_err(BackendError::Crdt)
 }
 
+fn wire_entries(
+    entries: Vec<geostate_backends::FeedEntry>,
+) -> Result<Vec<WireEntry>, BackendError> {
+    entries
+        .into_iter()
+        .map(|e| {
+            Ok(WireEntry {
+                seq: e.seq,
+                delta: encode(&e.delta)?,
+                key: e.key.as_str().to_string(),
+                origin: e.origin,
+                hlc: e.hlc,
+            })
+        })
+        .collect()
+}
+
 /// Answers a peer's request from `backend`. Store failures become [`Response::Failed`]; the
 /// peer retries later.
 pub async fn serve<B: StateBackend>(
@@ -59,12 +77,49 @@ async fn serve_inner<B: StateBackend>(
     limits: &ServeLimits,
 ) -> Result<Response, BackendError> {
     Ok(match request {
-        Request::Heads => {
-            let mut last_seqs = Vec::with_capacity(usize::from(backend.layout().partitions()));
-            for partition in 0..backend.layout().partitions() {
+        Request::Heads { after, limit, .. } => {
+            let partitions = backend.layout().partitions();
+            let mut last_seqs = Vec::with_capacity(usize::from(partitions));
+            for partition in 0..partitions {
                 last_seqs.push(backend.read_feed(partition, u64::MAX, 1).await?.last_seq);
             }
-            Response::Heads { last_seqs }
+            let mut pages = Vec::new();
+            if !after.is_empty() {
+                let mut budget = limit.clamp(1, limits.feed_entries_max) as usize;
+                // Start at a partition derived from the cursors so a heavy partition cannot
+                // keep the others out of every page.
+                let start = (after.iter().fold(0u64, |a, c| a.wrapping_add(*c))
+                    % u64::from(partitions.max(1))) as u16;
+                for i in 0..partitions {
+                    if budget == 0 {
+                        break;
+                    }
+                    let partition = (start + i) % partitions;
+                    let cursor = after
+                        .get(usize::from(partition))
+                        .copied()
+                        .unwrap_or(u64::MAX);
+                    if cursor >= last_seqs[usize::from(partition)] {
+                        continue;
+                    }
+                    let page = backend.read_feed(partition, cursor, budget).await?;
+                    budget = budget.saturating_sub(page.entries.len());
+                    pages.push(Page {
+                        partition,
+                        entries: wire_entries(page.entries)?,
+                        first_seq: page.first_seq,
+                        last_seq: page.last_seq,
+                    });
+                }
+            }
+            // With cursors, each page carries its partition's head: the full list would cost
+            // 8 bytes a partition on every poll.
+            let last_seqs = if after.is_empty() {
+                last_seqs
+            } else {
+                Vec::new()
+            };
+            Response::Heads { last_seqs, pages }
         }
         Request::Feed {
             partition,
@@ -73,16 +128,7 @@ async fn serve_inner<B: StateBackend>(
         } => {
             let limit = limit.clamp(1, limits.feed_entries_max);
             let page = backend.read_feed(partition, after, limit as usize).await?;
-            let mut entries = Vec::with_capacity(page.entries.len());
-            for e in page.entries {
-                entries.push(WireEntry {
-                    seq: e.seq,
-                    key: e.key.as_str().to_string(),
-                    delta: encode(&e.delta)?,
-                    origin: e.origin,
-                    hlc: e.hlc,
-                });
-            }
+            let entries = wire_entries(page.entries)?;
             Response::Feed {
                 entries,
                 first_seq: page.first_seq,
@@ -237,9 +283,20 @@ async fn execute_inner<B: StateBackend>(
             LocalResult::States(states)
         }
         LocalOp::MergeStates { states } => {
+            let keys: Vec<Key> = states
+                .iter()
+                .map(|(k, _)| Key::new(k.as_str()))
+                .collect::<Result<_, _>>()?;
             let count = merge_states(backend, states).await?;
+            let mut hashes = Vec::with_capacity(keys.len());
+            for (key, value) in keys.iter().zip(backend.get_many(&keys).await?) {
+                if let Ok(Some(stored)) = value {
+                    hashes.push((key.as_str().to_string(), value_hash(&stored.value)?));
+                }
+            }
             LocalResult::Merged {
                 merged: count.merged,
+                hashes,
             }
         }
     })

@@ -9,8 +9,18 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Request {
-    /// The newest feed sequence number of every partition (one number per partition).
-    Heads,
+    /// The newest feed sequence number of every partition, and the feed entries after the
+    /// puller's cursors (a long poll: with nothing new, the peer may hold the request for up
+    /// to `wait_ms` and answer as soon as a local write arrives).
+    Heads {
+        /// The puller's cursor per partition (`u64::MAX`: send nothing for that partition);
+        /// empty: heads only.
+        after: Vec<u64>,
+        /// Most entries in all pages together.
+        limit: u32,
+        /// How long the peer may hold the request when there is nothing new.
+        wait_ms: u32,
+    },
     /// Feed entries of `partition` after `after`, at most `limit`.
     Feed {
         /// The partition.
@@ -60,14 +70,29 @@ pub struct WireEntry {
     pub hlc: Hlc,
 }
 
+/// Feed entries of one partition, as part of a [`Response::Heads`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Page {
+    /// The partition.
+    pub partition: u16,
+    /// Entries after the requested cursor, in order.
+    pub entries: Vec<WireEntry>,
+    /// Oldest sequence number the peer still holds.
+    pub first_seq: u64,
+    /// Newest sequence number the peer has written.
+    pub last_seq: u64,
+}
+
 /// A peer's answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Response {
-    /// Newest feed sequence number per partition, indexed by partition.
+    /// Newest feed sequence number per partition, and pages of entries after the cursors.
     Heads {
         /// One per partition.
         last_seqs: Vec<u64>,
+        /// Pages for partitions with entries after the puller's cursor (or a gap).
+        pages: Vec<Page>,
     },
     /// A page of a partition's feed.
     Feed {
@@ -106,7 +131,9 @@ impl Request {
     /// Approximate size on the wire, in bytes (for accounting; no encoding is done).
     pub fn wire_bytes(&self) -> usize {
         1 + match self {
-            Request::Heads => 0,
+            Request::Heads { after, .. } => {
+                2 + after.iter().map(|c| varint_len(*c)).sum::<usize>() + 8
+            }
             Request::Feed { .. } => 2 + 8 + 4,
             Request::Digest { .. } => 2,
             Request::Buckets { buckets, .. } => 2 + 2 + 2 * buckets.len(),
@@ -121,17 +148,41 @@ impl Request {
     }
 }
 
+/// Bytes of `n` as the payload codec writes it (bincode's variable-length integers).
+fn varint_len(n: u64) -> usize {
+    match n {
+        0..=250 => 1,
+        251..=0xffff => 3,
+        0x1_0000..=0xffff_ffff => 5,
+        _ => 9,
+    }
+}
+
+fn entries_bytes(entries: &[WireEntry]) -> usize {
+    entries
+        .iter()
+        .map(|e| 8 + 2 + e.key.len() + 4 + e.delta.len() + 8 + 12)
+        .sum()
+}
+
 impl Response {
+    /// Whether this is a long-poll answer with nothing new in it: a runtime may hold the
+    /// request (up to its `wait_ms`) and answer again once local writes arrive.
+    pub fn is_empty_poll(&self) -> bool {
+        matches!(self, Response::Heads { pages, .. } if pages.is_empty())
+    }
+
     /// Approximate size on the wire, in bytes (for accounting; no encoding is done).
     pub fn wire_bytes(&self) -> usize {
         1 + match self {
-            Response::Heads { last_seqs } => 2 + 8 * last_seqs.len(),
-            Response::Feed { entries, .. } => {
-                16 + entries
-                    .iter()
-                    .map(|e| 8 + 2 + e.key.len() + 4 + e.delta.len() + 8 + 12)
-                    .sum::<usize>()
+            Response::Heads { last_seqs, pages } => {
+                2 + 8 * last_seqs.len()
+                    + pages
+                        .iter()
+                        .map(|p| 2 + 16 + entries_bytes(&p.entries))
+                        .sum::<usize>()
             }
+            Response::Feed { entries, .. } => 16 + entries_bytes(entries),
             Response::Digest { buckets } => 2 + 8 * buckets.len(),
             Response::Buckets { entries } => {
                 4 + entries.iter().map(|(k, _)| 2 + k.len() + 8).sum::<usize>()

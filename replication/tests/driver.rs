@@ -31,6 +31,7 @@ fn driver_config(anti_entropy_interval_ms: u64) -> DriverConfig {
         core: CoreConfig {
             partitions: PARTITIONS,
             poll_interval_ms: 20,
+            pull_wait_ms: 200,
             feed_batch_max: 32,
             requests_in_flight_max: 8,
             request_timeout_ms: 300,

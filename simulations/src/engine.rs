@@ -208,8 +208,23 @@ impl RunOptions {
     }
 }
 
+/// A long poll a replicator holds because it had nothing new to answer.
+#[derive(Debug)]
+struct Parked {
+    id: u64,
+    from: usize,
+    incarnation: u64,
+    request_id: CommandId,
+    request: Request,
+}
+
 #[derive(Debug)]
 enum Ev {
+    /// A held long poll's wait ran out: answer it as it stands.
+    PollDeadline {
+        node: usize,
+        parked: u64,
+    },
     Tick(usize),
     Write,
     Request {
@@ -244,6 +259,8 @@ struct Node {
     peer_names: Vec<String>,
     /// Stats of crashed incarnations.
     past_stats: Stats,
+    /// Long polls held by this region's replicator.
+    parked: Vec<Parked>,
 }
 
 /// Polls a future that cannot wait (every store operation here completes at once).
@@ -308,6 +325,7 @@ struct Sim<'a> {
     clock_refusals: u64,
     converged_ms: Option<u64>,
     finished: bool,
+    parked_seq: u64,
     limits: ServeLimits,
 }
 
@@ -351,6 +369,7 @@ pub fn run(scenario: &Scenario, options: &RunOptions) -> Result<Outcome, SimErro
             peers,
             peer_names,
             past_stats: Stats::default(),
+            parked: Vec::new(),
         });
     }
     let m = &scenario.workload.mix;
@@ -397,6 +416,7 @@ pub fn run(scenario: &Scenario, options: &RunOptions) -> Result<Outcome, SimErro
         clock_refusals: 0,
         converged_ms: None,
         finished: false,
+        parked_seq: 0,
         limits: ServeLimits::default(),
     };
     sim.start(options)?;
@@ -535,7 +555,29 @@ impl Sim<'_> {
                 if self.nodes[to].core.is_none() {
                     return Ok(());
                 }
-                let response = ready(serve(self.nodes[to].store.as_ref(), request, &self.limits))?;
+                let wait_ms = match &request {
+                    Request::Heads { wait_ms, .. } => u64::from(*wait_ms),
+                    _ => 0,
+                };
+                let response = ready(serve(
+                    self.nodes[to].store.as_ref(),
+                    request.clone(),
+                    &self.limits,
+                ))?;
+                if wait_ms > 0 && response.is_empty_poll() {
+                    // Nothing new: hold the poll until a local write or the wait runs out.
+                    self.parked_seq += 1;
+                    let parked = self.parked_seq;
+                    self.nodes[to].parked.push(Parked {
+                        id: parked,
+                        from,
+                        incarnation,
+                        request_id: id,
+                        request,
+                    });
+                    self.schedule(self.now_ms + wait_ms, Ev::PollDeadline { node: to, parked });
+                    return Ok(());
+                }
                 self.transmit(
                     to,
                     from,
@@ -565,8 +607,17 @@ impl Sim<'_> {
                     )?;
                 }
             }
+            Ev::PollDeadline { node, parked } => {
+                self.trace(9, node as u64, parked);
+                if let Some(pos) = self.nodes[node].parked.iter().position(|p| p.id == parked) {
+                    let held = self.nodes[node].parked.remove(pos);
+                    self.answer_parked(node, held)?;
+                }
+            }
             Ev::Crash(i) => {
                 self.trace(5, i as u64, 0);
+                // Polls it was holding die with it; their senders time out.
+                self.nodes[i].parked.clear();
                 if let Some(core) = self.nodes[i].core.take() {
                     let stats = core.stats().clone();
                     add_stats(&mut self.nodes[i].past_stats, &stats);
@@ -867,8 +918,18 @@ impl Sim<'_> {
         let (kind, keys) = self.pick_kind();
         let key = format!("{}:{}", kind.letter(), self.rng.below(keys as u64));
         let w = &self.scenario.workload;
-        let (dec_share, remove_share) = (w.counter_dec_share, w.set_remove_share);
-        let op = match kind {
+        let (dec_share, remove_share, delete_share) =
+            (w.counter_dec_share, w.set_remove_share, w.delete_share);
+        let op = if self.rng.chance(delete_share) {
+            Op::Delete
+        } else {
+            self.op_for(kind, dec_share, remove_share, delete_share)
+        };
+        self.commit(region, key, op)
+    }
+
+    fn op_for(&mut self, kind: KeyKind, dec_share: f64, remove_share: f64, clear_share: f64) -> Op {
+        match kind {
             KeyKind::Counter => {
                 let n = 1 + self.rng.below(10);
                 if self.rng.chance(dec_share) {
@@ -879,7 +940,9 @@ impl Sim<'_> {
             }
             KeyKind::Set => {
                 let element = format!("e{}", self.rng.below(16));
-                if self.rng.chance(remove_share) {
+                if self.rng.chance(clear_share) {
+                    Op::Set(SetOp::Clear)
+                } else if self.rng.chance(remove_share) {
                     Op::Set(SetOp::remove(element))
                 } else {
                     Op::Set(SetOp::add(element))
@@ -896,7 +959,10 @@ impl Sim<'_> {
                     Op::Map(MapOp::update(field, fop))
                 }
             }
-        };
+        }
+    }
+
+    fn commit(&mut self, region: usize, key: String, op: Op) -> Result<(), SimError> {
         self.apply_clocks();
         let node = &self.nodes[region];
         let write = LocalWrite {
@@ -907,15 +973,74 @@ impl Sim<'_> {
             expect: Expect::Any,
         };
         match ready(node.store.apply(write))? {
-            Ok(receipt) => self.acked.push(AckedWrite {
-                at_ms: self.now_ms,
-                region,
-                key,
-                op,
-                delta: receipt.delta,
-            }),
+            Ok(receipt) => {
+                let partition = receipt.partition;
+                let fed = receipt.seq.is_some();
+                self.acked.push(AckedWrite {
+                    at_ms: self.now_ms,
+                    region,
+                    key,
+                    op,
+                    delta: receipt.delta,
+                });
+                if fed {
+                    self.wake_parked(region, partition)?;
+                }
+            }
             Err(_) => self.failed_writes += 1,
         }
+        Ok(())
+    }
+
+    /// Answers the long polls `node` holds that want `partition`, which just got a write.
+    fn wake_parked(&mut self, node: usize, partition: u16) -> Result<(), SimError> {
+        let held = std::mem::take(&mut self.nodes[node].parked);
+        for parked in held {
+            let wants = matches!(&parked.request, Request::Heads { after, .. }
+                if after.get(usize::from(partition)).is_some_and(|c| *c != u64::MAX));
+            if !wants {
+                self.nodes[node].parked.push(parked);
+                continue;
+            }
+            let response = ready(serve(
+                self.nodes[node].store.as_ref(),
+                parked.request.clone(),
+                &self.limits,
+            ))?;
+            if response.is_empty_poll() {
+                self.nodes[node].parked.push(parked);
+            } else {
+                self.transmit(
+                    node,
+                    parked.from,
+                    Ev::Response {
+                        to: parked.from,
+                        incarnation: parked.incarnation,
+                        id: parked.request_id,
+                        response,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn answer_parked(&mut self, node: usize, parked: Parked) -> Result<(), SimError> {
+        let response = ready(serve(
+            self.nodes[node].store.as_ref(),
+            parked.request,
+            &self.limits,
+        ))?;
+        self.transmit(
+            node,
+            parked.from,
+            Ev::Response {
+                to: parked.from,
+                incarnation: parked.incarnation,
+                id: parked.request_id,
+                response,
+            },
+        );
         Ok(())
     }
 

@@ -46,6 +46,9 @@ pub struct Workload {
     pub set_remove_share: f64,
     /// Share of counter operations that are decrements.
     pub counter_dec_share: f64,
+    /// Share of all writes that delete their key (a replicated removal of whatever the key
+    /// holds; concurrent writes elsewhere survive it), and of set writes that clear the set.
+    pub delete_share: f64,
 }
 
 impl Default for Workload {
@@ -55,6 +58,7 @@ impl Default for Workload {
             mix: Mix::default(),
             set_remove_share: 0.3,
             counter_dec_share: 0.3,
+            delete_share: 0.02,
         }
     }
 }
@@ -350,7 +354,7 @@ impl Scenario {
         if m.counter + m.set + m.lww + m.opaque + m.map == 0 {
             return bad("workload.mix must have a positive weight".into());
         }
-        for share in [w.set_remove_share, w.counter_dec_share] {
+        for share in [w.set_remove_share, w.counter_dec_share, w.delete_share] {
             if !(0.0..=1.0).contains(&share) {
                 return bad("workload shares must be in [0, 1]".into());
             }
