@@ -200,7 +200,9 @@ fn a_failed_invariant_exits_1_with_seed_and_replay() {
     let path = scratch("no-time.toml");
     std::fs::write(
         &path,
-        "name = \"no-time\"\nregions = 3\nkeys = 50\nduration_s = 2.0\nconverge_timeout_s = 0.001\n",
+        // 500 ms links: writes made just before the heal cannot have arrived by the first
+        // convergence check 100 ms after it, whatever the protocol.
+        "name = \"no-time\"\nregions = 3\nkeys = 50\nduration_s = 2.0\nconverge_timeout_s = 0.001\n[network]\nlatency_ms = 500\n",
     )
     .unwrap();
     let path_str = path.to_str().unwrap();
