@@ -11,6 +11,40 @@ use crate::{
 /// Largest page a scan, feed read or conflict read returns.
 pub const PAGE_LIMIT_MAX: usize = 10_000;
 
+/// The page size a store serves for a requested `limit`: positive, capped at
+/// [`PAGE_LIMIT_MAX`]. Every store applies the same rule.
+///
+/// ```
+/// use geostate_backends::backend::page_limit;
+/// assert_eq!(page_limit(20_000).unwrap(), 10_000);
+/// assert!(page_limit(0).is_err());
+/// ```
+pub fn page_limit(limit: usize) -> Result<usize, BackendError> {
+    if limit == 0 {
+        return Err(BackendError::InvalidArgument(
+            "limit must be positive".into(),
+        ));
+    }
+    Ok(limit.min(PAGE_LIMIT_MAX))
+}
+
+/// Checks a replication origin's name (cursors are keyed by it): 1 to 64 bytes, no control
+/// characters. Every store applies the same rule.
+///
+/// ```
+/// use geostate_backends::backend::check_origin;
+/// assert!(check_origin("us-east").is_ok());
+/// assert!(check_origin("").is_err());
+/// ```
+pub fn check_origin(origin: &str) -> Result<(), BackendError> {
+    if origin.is_empty() || origin.len() > 64 || origin.chars().any(char::is_control) {
+        return Err(BackendError::InvalidArgument(format!(
+            "invalid origin region name {origin:?}"
+        )));
+    }
+    Ok(())
+}
+
 /// One region's store: values, per-partition change feeds and digests, replication cursors and
 /// the conflict feed.
 ///

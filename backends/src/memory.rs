@@ -11,10 +11,11 @@ use std::sync::{Mutex, MutexGuard};
 
 use geostate_crdt::{envelope, Crdt, TypeTag};
 
+use crate::backend::{check_origin, page_limit};
 use crate::digest::{entry_hash, raw_hash, value_hash};
 use crate::{
     BackendError, FeedEntry, FeedPage, Key, Layout, LocalWrite, PartitionDigest, Receipt, ScanItem,
-    ScanPage, StateBackend, Stored, PAGE_LIMIT_MAX,
+    ScanPage, StateBackend, Stored,
 };
 
 /// Conflict records kept; older ones are dropped first.
@@ -371,24 +372,6 @@ fn commit(
         }
     }
     Ok(version)
-}
-
-fn page_limit(limit: usize) -> Result<usize, BackendError> {
-    if limit == 0 {
-        return Err(BackendError::InvalidArgument(
-            "limit must be positive".into(),
-        ));
-    }
-    Ok(limit.min(PAGE_LIMIT_MAX))
-}
-
-fn check_origin(origin: &str) -> Result<(), BackendError> {
-    if origin.is_empty() || origin.len() > 64 || origin.chars().any(char::is_control) {
-        return Err(BackendError::InvalidArgument(format!(
-            "invalid origin region name {origin:?}"
-        )));
-    }
-    Ok(())
 }
 
 impl StateBackend for MemoryBackend {

@@ -142,31 +142,17 @@ async fn serve_inner<B: StateBackend>(
             if buckets.len() > limits.buckets_max {
                 return Ok(failed("too many buckets in one request"));
             }
-            let mut entries = Vec::new();
-            for bucket in buckets {
-                for (key, hash) in backend.bucket_entries(partition, bucket).await? {
-                    entries.push((key.as_str().to_string(), hash));
-                }
+            Response::Buckets {
+                entries: bucket_entries(backend, partition, buckets).await?,
             }
-            entries.sort();
-            Response::Buckets { entries }
         }
         Request::States { keys } => {
             if keys.len() > limits.keys_max {
                 return Ok(failed("too many keys in one request"));
             }
-            let parsed: Vec<Key> = keys.iter().map(Key::new).collect::<Result<_, _>>()?;
-            let values = backend.get_many(&parsed).await?;
-            let mut states = Vec::with_capacity(keys.len());
-            for (key, value) in keys.into_iter().zip(values) {
-                // A value this store cannot read is not offered; the peer keeps its own.
-                let bytes = match value {
-                    Ok(Some(stored)) => Some(encode(&stored.value)?),
-                    Ok(None) | Err(_) => None,
-                };
-                states.push((key, bytes));
+            Response::States {
+                states: states(backend, keys).await?,
             }
-            Response::States { states }
         }
         Request::Push { states } => {
             if states.len() > limits.keys_max {
@@ -176,6 +162,41 @@ async fn serve_inner<B: StateBackend>(
             Response::Pushed
         }
     })
+}
+
+/// `(key, value hash)` of the keys in `buckets` of `partition`, in key order.
+async fn bucket_entries<B: StateBackend>(
+    backend: &B,
+    partition: u16,
+    buckets: Vec<u16>,
+) -> Result<Vec<(String, u64)>, BackendError> {
+    let mut entries = Vec::new();
+    for bucket in buckets {
+        for (key, hash) in backend.bucket_entries(partition, bucket).await? {
+            entries.push((key.as_str().to_string(), hash));
+        }
+    }
+    entries.sort();
+    Ok(entries)
+}
+
+/// The envelopes of `keys`; `None` for a key that is absent or that this store cannot read
+/// (a corrupt value is never offered; the other side keeps its own).
+async fn states<B: StateBackend>(
+    backend: &B,
+    keys: Vec<String>,
+) -> Result<Vec<(String, Option<Vec<u8>>)>, BackendError> {
+    let parsed: Vec<Key> = keys.iter().map(Key::new).collect::<Result<_, _>>()?;
+    let values = backend.get_many(&parsed).await?;
+    let mut states = Vec::with_capacity(keys.len());
+    for (key, value) in keys.into_iter().zip(values) {
+        let bytes = match value {
+            Ok(Some(stored)) => Some(encode(&stored.value)?),
+            Ok(None) | Err(_) => None,
+        };
+        states.push((key, bytes));
+    }
+    Ok(states)
 }
 
 /// What merging remote states or deltas did.
@@ -260,28 +281,9 @@ async fn execute_inner<B: StateBackend>(
             LocalResult::Digest(backend.digest(partition).await?.buckets().to_vec())
         }
         LocalOp::Buckets { partition, buckets } => {
-            let mut entries = Vec::new();
-            for bucket in buckets {
-                for (key, hash) in backend.bucket_entries(partition, bucket).await? {
-                    entries.push((key.as_str().to_string(), hash));
-                }
-            }
-            entries.sort();
-            LocalResult::Buckets(entries)
+            LocalResult::Buckets(bucket_entries(backend, partition, buckets).await?)
         }
-        LocalOp::States { keys } => {
-            let parsed: Vec<Key> = keys.iter().map(Key::new).collect::<Result<_, _>>()?;
-            let values = backend.get_many(&parsed).await?;
-            let mut states = Vec::with_capacity(keys.len());
-            for (key, value) in keys.into_iter().zip(values) {
-                let bytes = match value {
-                    Ok(Some(stored)) => Some(encode(&stored.value)?),
-                    Ok(None) | Err(_) => None,
-                };
-                states.push((key, bytes));
-            }
-            LocalResult::States(states)
-        }
+        LocalOp::States { keys } => LocalResult::States(states(backend, keys).await?),
         LocalOp::MergeStates { states } => {
             let keys: Vec<Key> = states
                 .iter()

@@ -118,10 +118,11 @@ use sqlx::{Connection, Row, Transaction};
 pub use config::{redact_url, PostgresConfig, ReadPolicy, RetryPolicy};
 pub use replicas::ReplicaStatus;
 
-use crate::digest::{entry_hash, raw_hash};
+use crate::backend::{check_origin, page_limit};
+use crate::digest::entry_hash;
 use crate::{
     fnv1a64, BackendError, FeedEntry, FeedPage, Key, Layout, LocalWrite, PartitionDigest, Receipt,
-    ScanItem, ScanPage, StateBackend, Stored, PAGE_LIMIT_MAX,
+    ScanItem, ScanPage, StateBackend, Stored,
 };
 use replicas::Replicas;
 use retry::{at_commit, before_commit, Attempt, RetryKind, Rng};
@@ -533,24 +534,6 @@ fn unsigned(n: i64) -> u64 {
 fn signed(n: u64, what: &str) -> Result<i64, BackendError> {
     i64::try_from(n)
         .map_err(|_| BackendError::InvalidArgument(format!("{what} {n} is above 2^63 - 1")))
-}
-
-fn page_limit(limit: usize) -> Result<usize, BackendError> {
-    if limit == 0 {
-        return Err(BackendError::InvalidArgument(
-            "limit must be positive".into(),
-        ));
-    }
-    Ok(limit.min(PAGE_LIMIT_MAX))
-}
-
-fn check_origin(origin: &str) -> Result<(), BackendError> {
-    if origin.is_empty() || origin.len() > 64 || origin.chars().any(char::is_control) {
-        return Err(BackendError::InvalidArgument(format!(
-            "invalid origin region name {origin:?}"
-        )));
-    }
-    Ok(())
 }
 
 /// The least string greater than every string starting with `prefix`, if there is one:
@@ -1540,7 +1523,7 @@ impl Shared {
         let locked = self.lock_row(tx, key).await?;
         let value_hash = match envelope::decode(bytes, &envelope::Limits::default()) {
             Ok(value) => crate::digest::value_hash(&value)?,
-            Err(_) => raw_hash(bytes),
+            Err(_) => crate::digest::raw_hash(bytes),
         };
         let prepared = Prepared {
             envelope: bytes.to_vec(),

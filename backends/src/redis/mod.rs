@@ -138,10 +138,11 @@ pub use stats::{RedisStats, StatsHandle};
 use conn::{Conn, Failure, Group, Lua, Req, Safety};
 use names::Names;
 
+use crate::backend::{check_origin, page_limit};
 use crate::digest::entry_hash;
 use crate::{
     fnv1a64, BackendError, FeedEntry, FeedPage, Key, Layout, LocalWrite, PartitionDigest, Receipt,
-    ScanItem, ScanPage, StateBackend, Stored, PAGE_LIMIT_MAX,
+    ScanItem, ScanPage, StateBackend, Stored,
 };
 
 /// Conflict records kept; older ones are dropped first.
@@ -408,24 +409,6 @@ fn parse_meta(raw: &[u8]) -> Option<Meta> {
 
 fn hashes_hex(key: &Key, value_hash: u64) -> String {
     format!("{value_hash:016x}{:016x}", entry_hash(key, value_hash))
-}
-
-fn page_limit(limit: usize) -> Result<usize, BackendError> {
-    if limit == 0 {
-        return Err(BackendError::InvalidArgument(
-            "limit must be positive".into(),
-        ));
-    }
-    Ok(limit.min(PAGE_LIMIT_MAX))
-}
-
-fn check_origin(origin: &str) -> Result<(), BackendError> {
-    if origin.is_empty() || origin.len() > 64 || origin.chars().any(char::is_control) {
-        return Err(BackendError::InvalidArgument(format!(
-            "invalid origin region name {origin:?}"
-        )));
-    }
-    Ok(())
 }
 
 /// Parses a stream id `<seq>-0`.
