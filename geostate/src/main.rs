@@ -5,6 +5,13 @@
 //! Exit status: 0 when every invariant held, 1 when one failed (the output names the seed and
 //! the command replaying it), 2 for a usage error, an unreadable or invalid scenario, or a plot
 //! that cannot be written.
+//!
+//! `geostate bench` measures our Redis and PostgreSQL region stores beside the raw client on
+//! the same servers and checks the performance targets (see `bench.rs`). Exit status: 0 when
+//! every measurement ran, 1 when a store could not be reached or an operation failed, 2 for a
+//! usage error, 130 after Ctrl-C (the run's data is removed first).
+
+mod bench;
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -35,6 +42,12 @@ enum Command {
     /// seconds of the twenty-second fault phase, then healed. The same seed always gives the
     /// same report.
     Simulate(SimulateArgs),
+    /// Measure merge_crdt, get and 1,000-key batches through a region over Redis and
+    /// PostgreSQL beside raw SET / GET / upsert with the same client, and check the targets.
+    ///
+    /// Uses a key prefix (Redis) and a schema (PostgreSQL) unique to the run and removes them
+    /// afterwards; nothing else on the servers is touched.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -79,6 +92,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Simulate(args) => simulate(&args),
+        Command::Bench(args) => return bench::run(&args),
     };
     match result {
         Ok(code) => code,
