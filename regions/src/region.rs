@@ -367,45 +367,53 @@ impl<B: StateBackend> Region<B> {
         K: AsRef<str>,
         O: Into<Op>,
     {
-        let items: Vec<(K, O)> = items.into_iter().collect();
-        self.check_batch(items.len())?;
+        let items: Vec<(String, Op, Expect)> = items
+            .into_iter()
+            .map(|(k, op)| (k.as_ref().to_string(), op.into(), Expect::Any))
+            .collect();
         let span =
             tracing::debug_span!("merge_batch", region = %self.inner.id, items = items.len());
-        async move {
-            let mut results: Vec<Option<Result<WriteReceipt, RegionError>>> = Vec::new();
-            let mut writes = Vec::new();
-            let mut slots = Vec::new();
-            for (i, (key, op)) in items.into_iter().enumerate() {
-                results.push(None);
-                match Key::new(key.as_ref()) {
-                    Ok(k) => {
-                        writes.push(self.local_write(k, op.into(), Expect::Any));
-                        slots.push(i);
-                    }
-                    Err(e) => results[i] = Some(Err(e.into())),
+        self.apply_batch(items).instrument(span).await
+    }
+
+    /// Applies writes each atomically and in order, each with its own outcome: the shared body
+    /// of every batch form.
+    async fn apply_batch(
+        &self,
+        items: Vec<(String, Op, Expect)>,
+    ) -> Result<Vec<Result<WriteReceipt, RegionError>>, RegionError> {
+        self.check_batch(items.len())?;
+        let mut results: Vec<Option<Result<WriteReceipt, RegionError>>> = Vec::new();
+        let mut writes = Vec::new();
+        let mut slots = Vec::new();
+        for (i, (key, op, expect)) in items.into_iter().enumerate() {
+            results.push(None);
+            match Key::new(key) {
+                Ok(k) => {
+                    writes.push(self.local_write(k, op, expect));
+                    slots.push(i);
                 }
+                Err(e) => results[i] = Some(Err(e.into())),
             }
-            let keys: Vec<(Key, Hlc)> = writes.iter().map(|w| (w.key.clone(), w.hlc)).collect();
-            let outcomes = self.inner.backend.apply_many(writes).await?;
-            for ((slot, outcome), (key, hlc)) in slots.into_iter().zip(outcomes).zip(keys) {
-                results[slot] = Some(match outcome {
-                    Ok(r) => Ok(Self::receipt(r, hlc)),
-                    Err(e) => Err(self.error(&key, e)),
-                });
-            }
-            Ok(results
-                .into_iter()
-                .map(|r| {
-                    r.unwrap_or_else(|| {
-                        Err(RegionError::Backend(BackendError::Unavailable(
-                            "the store returned fewer outcomes than writes".into(),
-                        )))
-                    })
-                })
-                .collect())
         }
-        .instrument(span)
-        .await
+        let meta: Vec<(Key, Hlc)> = writes.iter().map(|w| (w.key.clone(), w.hlc)).collect();
+        let outcomes = self.inner.backend.apply_many(writes).await?;
+        for ((slot, outcome), (key, hlc)) in slots.into_iter().zip(outcomes).zip(meta) {
+            results[slot] = Some(match outcome {
+                Ok(r) => Ok(Self::receipt(r, hlc)),
+                Err(e) => Err(self.error(&key, e)),
+            });
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(RegionError::Backend(BackendError::Unavailable(
+                        "the store returned fewer outcomes than writes".into(),
+                    )))
+                })
+            })
+            .collect())
     }
 
     /// Reads `key` as a `T`. A key that holds nothing reads as `T`'s empty value; a key holding
@@ -656,40 +664,24 @@ impl<B: StateBackend> Region<B> {
         K: AsRef<str>,
         O: Into<Op>,
     {
-        let items: Vec<(K, Expect, O)> = items.into_iter().collect();
-        self.check_batch(items.len())?;
-        let mut results: Vec<Option<Result<CasOutcome, RegionError>>> = Vec::new();
-        let mut writes = Vec::new();
-        let mut slots = Vec::new();
-        for (i, (key, expect, op)) in items.into_iter().enumerate() {
-            results.push(None);
-            match Key::new(key.as_ref()) {
-                Ok(k) => {
-                    writes.push(self.local_write(k, op.into(), expect));
-                    slots.push(i);
-                }
-                Err(e) => results[i] = Some(Err(e.into())),
-            }
-        }
-        let meta: Vec<(Key, Hlc)> = writes.iter().map(|w| (w.key.clone(), w.hlc)).collect();
-        let outcomes = self.inner.backend.apply_many(writes).await?;
-        for ((slot, outcome), (key, hlc)) in slots.into_iter().zip(outcomes).zip(meta) {
-            results[slot] = Some(match outcome {
-                Ok(r) => Ok(CasOutcome::Applied(Self::receipt(r, hlc))),
-                Err(BackendError::VersionConflict { actual, .. }) => {
+        let items: Vec<(String, Op, Expect)> = items
+            .into_iter()
+            .map(|(k, expect, op)| (k.as_ref().to_string(), op.into(), expect))
+            .collect();
+        let span = tracing::debug_span!(
+            "compare_and_set_batch",
+            region = %self.inner.id,
+            items = items.len()
+        );
+        let outcomes = self.apply_batch(items).instrument(span).await?;
+        Ok(outcomes
+            .into_iter()
+            .map(|outcome| match outcome {
+                Ok(receipt) => Ok(CasOutcome::Applied(receipt)),
+                Err(RegionError::Backend(BackendError::VersionConflict { actual, .. })) => {
                     Ok(CasOutcome::Conflict { actual })
                 }
-                Err(e) => Err(self.error(&key, e)),
-            });
-        }
-        Ok(results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(RegionError::Backend(BackendError::Unavailable(
-                        "the store returned fewer outcomes than writes".into(),
-                    )))
-                })
+                Err(e) => Err(e),
             })
             .collect())
     }
