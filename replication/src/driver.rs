@@ -158,8 +158,20 @@ impl<B: StateBackend, T: Transport> Replicator<B, T> {
                             let transport = Arc::clone(&self.transport);
                             let name = self.peers.get(peer).cloned().unwrap_or_default();
                             let tx = answers_tx.clone();
+                            // The core gives up on the request at its deadline; the task must
+                            // too, or a transport that hangs leaks one task per retry.
+                            let held_ms = match &request {
+                                Request::Heads { wait_ms, .. } => u64::from(*wait_ms),
+                                _ => 0,
+                            };
+                            let limit = Duration::from_millis(
+                                held_ms + self.core.config().request_timeout_ms,
+                            );
                             tokio::spawn(async move {
-                                let result = transport.request(&name, request).await;
+                                let result =
+                                    tokio::time::timeout(limit, transport.request(&name, request))
+                                        .await
+                                        .unwrap_or_else(|_| Err("timed out".to_string()));
                                 // The loop may have stopped; then the answer is not needed.
                                 let _ = tx.send(Event::Remote { id, result }).await;
                             });
