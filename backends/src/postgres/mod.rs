@@ -558,6 +558,19 @@ fn prefix_successor(prefix: &str) -> Option<String> {
 /// A raw value row: key, envelope, version.
 type RawRow = (String, Vec<u8>, i64);
 
+/// Decodes `(key, envelope, version)` rows, as the value queries return them.
+fn raw_rows(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<RawRow>, Attempt> {
+    rows.iter()
+        .map(|row| {
+            Ok((
+                row.try_get(0).map_err(before_commit)?,
+                row.try_get(1).map_err(before_commit)?,
+                row.try_get(2).map_err(before_commit)?,
+            ))
+        })
+        .collect()
+}
+
 impl Shared {
     /// Settles one attempt: `Some` to return, `None` to try again (after a backoff).
     async fn settle<T>(
@@ -933,15 +946,7 @@ impl Shared {
             .fetch_all(conn)
             .await
             .map_err(before_commit)?;
-        rows.iter()
-            .map(|row| {
-                Ok((
-                    row.try_get(0).map_err(before_commit)?,
-                    row.try_get(1).map_err(before_commit)?,
-                    row.try_get(2).map_err(before_commit)?,
-                ))
-            })
-            .collect()
+        raw_rows(&rows)
     }
 
     async fn try_scan(
@@ -960,15 +965,7 @@ impl Shared {
             .fetch_all(conn)
             .await
             .map_err(before_commit)?;
-        rows.iter()
-            .map(|row| {
-                Ok((
-                    row.try_get(0).map_err(before_commit)?,
-                    row.try_get(1).map_err(before_commit)?,
-                    row.try_get(2).map_err(before_commit)?,
-                ))
-            })
-            .collect()
+        raw_rows(&rows)
     }
 
     // -----------------------------------------------------------------------------------------
