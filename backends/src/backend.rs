@@ -2,10 +2,11 @@
 
 use std::future::Future;
 
-use geostate_crdt::Crdt;
+use geostate_crdt::{ActorId, Crdt, TypeTag, VersionVector};
 
 use crate::{
     BackendError, FeedPage, Key, Layout, LocalWrite, PartitionDigest, Receipt, ScanPage, Stored,
+    TombstonePage,
 };
 
 /// Largest page a scan, feed read or conflict read returns.
@@ -45,6 +46,57 @@ pub fn check_origin(origin: &str) -> Result<(), BackendError> {
     Ok(())
 }
 
+/// The state a local write to an absent key applies to: the empty value of the operation's
+/// type above the partition's dot floor for the writer (see [`StateBackend::dot_floor`]), so
+/// no dot is ever minted twice for one key, even after its tombstone was purged. Every store
+/// uses this and [`local_delta`].
+///
+/// ```
+/// use geostate_backends::backend::absent_base;
+/// use geostate_crdt::{ActorId, Dot, TypeTag, VersionVector};
+/// let a = ActorId::new(1);
+/// let mut floor = VersionVector::new();
+/// floor.observe(a, 4);
+/// let base = absent_base(TypeTag::OrSet, a, &floor);
+/// assert_eq!(base.context().next_dot(a), Dot::new(a, 5));
+/// ```
+pub fn absent_base(tag: TypeTag, actor: ActorId, floor: &VersionVector) -> Crdt {
+    Crdt::empty_above(tag, actor, floor.get(actor))
+}
+
+/// The delta of a local write on `state` (the stored value, or [`absent_base`] when `absent`).
+/// For an absent key the delta also carries the base's context (the writer's dots up to the
+/// floor, none of them live anywhere), so every region stores the same compact context.
+///
+/// ```
+/// use geostate_backends::backend::{absent_base, local_delta};
+/// use geostate_backends::{Expect, Key, LocalWrite};
+/// use geostate_crdt::{ActorId, CounterOp, Dot, Hlc, Op, TypeTag, VersionVector};
+/// let a = ActorId::new(1);
+/// let mut floor = VersionVector::new();
+/// floor.observe(a, 4);
+/// let write = LocalWrite {
+///     key: Key::new("k").unwrap(),
+///     op: Op::from(CounterOp::inc(1)),
+///     actor: a,
+///     hlc: Hlc::new(1, 0),
+///     expect: Expect::Any,
+/// };
+/// let delta = local_delta(&absent_base(TypeTag::PnCounter, a, &floor), true, &write).unwrap();
+/// assert!(delta.context().contains(Dot::new(a, 1)) && delta.context().contains(Dot::new(a, 5)));
+/// ```
+pub fn local_delta(
+    state: &Crdt,
+    absent: bool,
+    write: &LocalWrite,
+) -> Result<Crdt, geostate_crdt::Error> {
+    let mut delta = state.apply(write.actor, write.hlc, &write.op)?;
+    if absent && !delta.context().is_empty() {
+        delta.merge(state)?;
+    }
+    Ok(delta)
+}
+
 /// One region's store: values, per-partition change feeds and digests, replication cursors and
 /// the conflict feed.
 ///
@@ -62,6 +114,9 @@ pub fn check_origin(origin: &str) -> Result<(), BackendError> {
 /// - number feed entries 1, 2, 3, ... per partition, and trim only the oldest;
 /// - keep digests equal for equal contents, whatever the order of the writes that produced
 ///   them (see [`crate::digest`]);
+/// - keep, per partition, a dot floor covering every dot of every value physically removed
+///   from it ([`purge`](StateBackend::purge), [`delete`](StateBackend::delete)), and compute a
+///   local write to an absent key with [`absent_base`] and [`local_delta`];
 /// - reject a value whose canonical payload ([`geostate_crdt::envelope::payload_len`], before
 ///   compression, so that every region accepts the same values) would exceed
 ///   [`Layout::value_bytes_max`] without writing anything.
@@ -109,9 +164,11 @@ pub trait StateBackend: Send + Sync + 'static {
         items: &[(Key, Crdt)],
     ) -> impl Future<Output = Result<Vec<Result<Receipt, BackendError>>, BackendError>> + Send;
 
-    /// Physically removes `key` (value and digest entry); returns whether it existed. This is
-    /// not a CRDT removal: other regions still hold the value and anti-entropy would bring it
-    /// back. Regions delete with a removal delta; this is for garbage collection and repair.
+    /// Physically removes `key` (value and digest entry), raising the partition's dot floor by
+    /// the value's context in the same atomic step; returns whether it existed. This is not a
+    /// CRDT removal: other regions still hold the value and anti-entropy would bring it back.
+    /// Regions delete with a removal delta; this is for repair (garbage collection uses
+    /// [`purge`](StateBackend::purge)).
     fn delete(&self, key: &Key) -> impl Future<Output = Result<bool, BackendError>> + Send;
 
     /// [`delete`](StateBackend::delete) for many keys.
@@ -119,6 +176,33 @@ pub trait StateBackend: Send + Sync + 'static {
         &self,
         keys: &[Key],
     ) -> impl Future<Output = Result<Vec<bool>, BackendError>> + Send;
+
+    /// Tombstones of `partition` (keys whose value holds no live dot) greater than `after`, in
+    /// key order, at most `limit` (capped at [`PAGE_LIMIT_MAX`]).
+    fn tombstones(
+        &self,
+        partition: u16,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> impl Future<Output = Result<TombstonePage, BackendError>> + Send;
+
+    /// Garbage-collects a tombstone: atomically removes `key` if it still holds a tombstone at
+    /// exactly `version`, raising the partition's dot floor by the tombstone's context; returns
+    /// whether it did. Only safe once the tombstone is causally stable (every region applied
+    /// it and no feed still carries a delta it removed): the replicator decides that.
+    fn purge(
+        &self,
+        key: &Key,
+        version: u64,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// The partition's dot floor: for every actor, the highest counter in any value removed
+    /// from the partition by [`purge`](StateBackend::purge) or
+    /// [`delete`](StateBackend::delete).
+    fn dot_floor(
+        &self,
+        partition: u16,
+    ) -> impl Future<Output = Result<VersionVector, BackendError>> + Send;
 
     /// Keys starting with `prefix` and greater than `after`, in key order, at most `limit`
     /// (capped at [`PAGE_LIMIT_MAX`]). Resuming from each page's `next` visits every key once.

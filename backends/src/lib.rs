@@ -63,4 +63,7 @@ pub use error::BackendError;
 pub use key::{Key, KEY_BYTES_MAX};
 pub use layout::{fnv1a64, Layout};
 pub use memory::MemoryBackend;
-pub use types::{Expect, FeedEntry, FeedPage, LocalWrite, Receipt, ScanItem, ScanPage, Stored};
+pub use types::{
+    Expect, FeedEntry, FeedPage, LocalWrite, Receipt, ScanItem, ScanPage, Stored, Tombstone,
+    TombstonePage,
+};

@@ -9,13 +9,13 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
-use geostate_crdt::{envelope, Crdt, TypeTag};
+use geostate_crdt::{envelope, Crdt, TypeTag, VersionVector};
 
-use crate::backend::{check_origin, page_limit};
+use crate::backend::{absent_base, check_origin, local_delta, page_limit};
 use crate::digest::{entry_hash, raw_hash, value_hash};
 use crate::{
     BackendError, FeedEntry, FeedPage, Key, Layout, LocalWrite, PartitionDigest, Receipt, ScanItem,
-    ScanPage, StateBackend, Stored,
+    ScanPage, StateBackend, Stored, Tombstone, TombstonePage,
 };
 
 /// Conflict records kept; older ones are dropped first.
@@ -60,6 +60,9 @@ struct Partition {
     last_seq: u64,
     feed: VecDeque<FedDelta>,
     buckets: Vec<u64>,
+    /// Every dot of every value removed from the partition (see
+    /// [`StateBackend::dot_floor`]).
+    floor: VersionVector,
 }
 
 impl Partition {
@@ -70,6 +73,7 @@ impl Partition {
             last_seq: 0,
             feed: VecDeque::new(),
             buckets: vec![0; usize::from(buckets)],
+            floor: VersionVector::new(),
         }
     }
 }
@@ -163,12 +167,12 @@ impl MemoryBackend {
             None => None,
         };
         write.expect.check(&write.key, current.map(|(_, v)| v))?;
-        let empty;
+        let base;
         let state = match (current, write.op.type_tag()) {
             (Some((value, _)), _) => value,
             (None, Some(tag)) => {
-                empty = Crdt::empty(tag);
-                &empty
+                base = absent_base(tag, write.actor, &part.floor);
+                &base
             }
             // A deletion of a key that holds nothing changes nothing.
             (None, None) => {
@@ -180,7 +184,7 @@ impl MemoryBackend {
                 })
             }
         };
-        let delta = state.apply(write.actor, write.hlc, &write.op)?;
+        let delta = local_delta(state, current.is_none(), &write)?;
         if delta.context().is_empty() {
             return Ok(Receipt {
                 partition: index,
@@ -234,17 +238,34 @@ impl MemoryBackend {
     }
 
     fn delete_sync(&self, key: &Key) -> Result<bool, BackendError> {
+        self.remove(key, None)
+    }
+
+    /// Removes `key`, if `tombstone_at` is given only when it holds a tombstone at that
+    /// version, and raises the partition's dot floor by the removed value's context.
+    fn remove(&self, key: &Key, tombstone_at: Option<u64>) -> Result<bool, BackendError> {
         let bucket = usize::from(self.layout.bucket_of(key));
-        let mut part = self.partition(self.layout.partition_of(key))?;
-        match part.values.remove(key) {
-            None => Ok(false),
-            Some(slot) => {
-                if let Some(h) = slot.hash {
-                    part.buckets[bucket] ^= entry_hash(key, h);
-                }
-                Ok(true)
+        let mut guard = self.partition(self.layout.partition_of(key))?;
+        let part = &mut *guard;
+        let Some(slot) = part.values.get(key) else {
+            return Ok(false);
+        };
+        if let Some(version) = tombstone_at {
+            let is_tombstone = matches!(&slot.content, Content::Value(v) if v.is_bottom());
+            if slot.version != version || !is_tombstone {
+                return Ok(false);
             }
         }
+        let Some(slot) = part.values.remove(key) else {
+            return Ok(false);
+        };
+        if let Some(h) = slot.hash {
+            part.buckets[bucket] ^= entry_hash(key, h);
+        }
+        if let Content::Value(v) = &slot.content {
+            part.floor.merge(&v.context().maxima());
+        }
+        Ok(true)
     }
 
     /// Brings every bucket fingerprint of a partition up to date.
@@ -418,6 +439,54 @@ impl StateBackend for MemoryBackend {
 
     async fn delete_many(&self, keys: &[Key]) -> Result<Vec<bool>, BackendError> {
         keys.iter().map(|k| self.delete_sync(k)).collect()
+    }
+
+    async fn tombstones(
+        &self,
+        partition: u16,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<TombstonePage, BackendError> {
+        let limit = page_limit(limit)?;
+        let part = self.partition(partition)?;
+        let lower = match after {
+            Some(a) => std::ops::Bound::Excluded(a),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut items = Vec::new();
+        let mut next = None;
+        for (key, slot) in part
+            .values
+            .range::<Key, _>((lower, std::ops::Bound::Unbounded))
+        {
+            let Content::Value(value) = &slot.content else {
+                continue;
+            };
+            if !value.is_bottom() {
+                continue;
+            }
+            if items.len() == limit {
+                next = items.last().map(|t: &Tombstone| t.key.clone());
+                break;
+            }
+            items.push(Tombstone {
+                key: key.clone(),
+                version: slot.version,
+                hash: match slot.hash {
+                    Some(h) => h,
+                    None => value_hash(value)?,
+                },
+            });
+        }
+        Ok(TombstonePage { items, next })
+    }
+
+    async fn purge(&self, key: &Key, version: u64) -> Result<bool, BackendError> {
+        self.remove(key, Some(version))
+    }
+
+    async fn dot_floor(&self, partition: u16) -> Result<VersionVector, BackendError> {
+        Ok(self.partition(partition)?.floor.clone())
     }
 
     async fn scan(

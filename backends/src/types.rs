@@ -137,3 +137,26 @@ pub struct ScanPage {
     /// Where to resume (pass as `after`), or `None` when the scan is complete.
     pub next: Option<Key>,
 }
+
+/// A tombstone: a key whose value holds no live dot (it was deleted or cleared) and keeps only
+/// the causal context that stops a delayed write from resurrecting what was removed. Once
+/// every region has applied it (causal stability), it can be purged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tombstone {
+    /// The key.
+    pub key: Key,
+    /// Its region-local version (a purge is conditional on it).
+    pub version: u64,
+    /// Its value hash (see [`crate::digest::value_hash`]): equal hashes in two regions mean
+    /// they hold the same tombstone.
+    pub hash: u64,
+}
+
+/// A page of a partition's tombstones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TombstonePage {
+    /// Tombstones in key order.
+    pub items: Vec<Tombstone>,
+    /// Where to resume (pass as `after`), or `None` when the partition has no more.
+    pub next: Option<Key>,
+}

@@ -82,6 +82,49 @@ impl CausalContext {
         cloud_max.max(self.vv.get(actor))
     }
 
+    /// The highest counter seen of every actor (contiguous or not): the smallest version
+    /// vector at or above this context.
+    ///
+    /// ```
+    /// use geostate_crdt::{ActorId, CausalContext, Dot};
+    /// let a = ActorId::new(1);
+    /// let cc = CausalContext::from_dots([Dot::new(a, 1), Dot::new(a, 5)]);
+    /// assert_eq!(cc.maxima().get(a), 5);
+    /// ```
+    pub fn maxima(&self) -> VersionVector {
+        let mut vv = self.vv.clone();
+        for dot in &self.cloud {
+            vv.observe(dot.actor, dot.counter);
+        }
+        vv
+    }
+
+    /// Marks every event of `actor` above the highest one seen, up to `through`, as seen.
+    /// Constant time when `actor`'s events seen so far are contiguous (the usual case);
+    /// otherwise each added event is inserted on its own.
+    ///
+    /// ```
+    /// use geostate_crdt::{ActorId, CausalContext, Dot};
+    /// let a = ActorId::new(1);
+    /// let mut cc = CausalContext::from_dots([Dot::new(a, 1)]);
+    /// cc.claim_through(a, 3);
+    /// assert_eq!(cc.next_dot(a), Dot::new(a, 4));
+    /// assert_eq!(cc.cloud_len(), 0);
+    /// ```
+    pub fn claim_through(&mut self, actor: ActorId, through: u64) {
+        let max = self.max(actor);
+        if max >= through {
+            return;
+        }
+        if self.vv.get(actor) == max {
+            self.vv.observe(actor, through);
+        } else {
+            for counter in max + 1..=through {
+                self.insert(Dot::new(actor, counter));
+            }
+        }
+    }
+
     /// The dot `actor` should use for its next event.
     pub fn next_dot(&self, actor: ActorId) -> Dot {
         Dot::new(actor, self.max(actor).saturating_add(1))

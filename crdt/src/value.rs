@@ -5,7 +5,8 @@ use std::fmt;
 use crate::op::{MapOp, Op, RegisterOp, SetOp};
 use crate::store::DotStore;
 use crate::{
-    ActorId, CausalContext, Error, GCounter, Hlc, LwwRegister, MvRegister, OrMap, OrSet, PnCounter,
+    ActorId, Causal, CausalContext, Error, GCounter, Hlc, LwwRegister, MvRegister, OrMap, OrSet,
+    PnCounter,
 };
 
 /// The type of a stored value, carried in every envelope. The numbers are part of the storage
@@ -136,6 +137,53 @@ impl Crdt {
             TypeTag::MvRegister => Crdt::MvRegister(MvRegister::new()),
             TypeTag::Map => Crdt::Map(OrMap::new()),
         }
+    }
+
+    /// This value, having also seen every event of `actor` up to `through`, if it had not:
+    /// `actor`'s next write then mints dot `through + 1`. `None` when the value already saw
+    /// an event of `actor` at or past `through`.
+    ///
+    /// Only events above the highest one of `actor` already seen are added, so no live dot is
+    /// removed. A store uses this with its dot floor (the highest dot of `actor` in any value
+    /// it garbage-collected from the key's partition) so that a dot is never minted twice for
+    /// one key, even after the key's tombstone was purged and the key written again.
+    ///
+    /// ```
+    /// use geostate_crdt::{ActorId, CounterOp, Crdt, Dot, Hlc, Op, TypeTag};
+    /// let a = ActorId::new(1);
+    /// let lifted = Crdt::empty(TypeTag::PnCounter).lifted(a, 7).unwrap();
+    /// assert!(lifted.is_bottom());
+    /// let delta = lifted.apply(a, Hlc::new(1, 0), &Op::from(CounterOp::inc(1))).unwrap();
+    /// assert!(delta.context().contains(Dot::new(a, 8)));
+    /// assert!(lifted.lifted(a, 7).is_none());
+    /// ```
+    pub fn lifted(&self, actor: ActorId, through: u64) -> Option<Self> {
+        fn lift<S: Clone>(c: &Causal<S>, actor: ActorId, through: u64) -> Causal<S> {
+            let mut ctx = c.ctx.clone();
+            ctx.claim_through(actor, through);
+            Causal::delta(c.store.clone(), ctx)
+        }
+        if self.context().max(actor) >= through {
+            return None;
+        }
+        Some(match self {
+            Crdt::GCounter(v) => {
+                Crdt::GCounter(GCounter::from_causal(lift(v.as_causal(), actor, through)))
+            }
+            Crdt::PnCounter(v) => {
+                Crdt::PnCounter(PnCounter::from_causal(lift(v.as_causal(), actor, through)))
+            }
+            Crdt::OrSet(v) => Crdt::OrSet(OrSet::from_causal(lift(v.as_causal(), actor, through))),
+            Crdt::LwwRegister(v) => Crdt::LwwRegister(LwwRegister::from_causal(lift(
+                v.as_causal(),
+                actor,
+                through,
+            ))),
+            Crdt::MvRegister(v) => {
+                Crdt::MvRegister(MvRegister::from_causal(lift(v.as_causal(), actor, through)))
+            }
+            Crdt::Map(v) => Crdt::Map(OrMap::from_causal(lift(v.as_causal(), actor, through))),
+        })
     }
 
     /// This value's type.
