@@ -2,7 +2,7 @@
 
 use std::future::Future;
 
-use geostate_crdt::{ActorId, Crdt, TypeTag, VersionVector};
+use geostate_crdt::{Crdt, VersionVector};
 
 use crate::{
     BackendError, FeedPage, Key, Layout, LocalWrite, PartitionDigest, Receipt, ScanPage, Stored,
@@ -46,35 +46,20 @@ pub fn check_origin(origin: &str) -> Result<(), BackendError> {
     Ok(())
 }
 
-/// The state a local write to an absent key applies to: the empty value of the operation's
-/// type above the partition's dot floor for the writer (see [`StateBackend::dot_floor`]), so
-/// no dot is ever minted twice for one key, even after its tombstone was purged. Every store
-/// uses this and [`local_delta`].
+/// The delta of a local write on `state` (the stored value, or the empty value of the
+/// operation's type for an absent key), given the partition's dot floor for the writer (see
+/// [`StateBackend::dot_floor`]). Every store computes local writes with this.
+///
+/// If `state` has not seen the writer's events up to the floor (the key was purged and written
+/// again), the write is computed on the [lifted](Crdt::lifted) state and the delta carries the
+/// lifted state with it, so the writer never mints a dot twice for one key and every region
+/// ends up with the same compact context.
 ///
 /// ```
-/// use geostate_backends::backend::absent_base;
-/// use geostate_crdt::{ActorId, Dot, TypeTag, VersionVector};
-/// let a = ActorId::new(1);
-/// let mut floor = VersionVector::new();
-/// floor.observe(a, 4);
-/// let base = absent_base(TypeTag::OrSet, a, &floor);
-/// assert_eq!(base.context().next_dot(a), Dot::new(a, 5));
-/// ```
-pub fn absent_base(tag: TypeTag, actor: ActorId, floor: &VersionVector) -> Crdt {
-    Crdt::empty_above(tag, actor, floor.get(actor))
-}
-
-/// The delta of a local write on `state` (the stored value, or [`absent_base`] when `absent`).
-/// For an absent key the delta also carries the base's context (the writer's dots up to the
-/// floor, none of them live anywhere), so every region stores the same compact context.
-///
-/// ```
-/// use geostate_backends::backend::{absent_base, local_delta};
+/// use geostate_backends::backend::local_delta;
 /// use geostate_backends::{Expect, Key, LocalWrite};
-/// use geostate_crdt::{ActorId, CounterOp, Dot, Hlc, Op, TypeTag, VersionVector};
+/// use geostate_crdt::{ActorId, CounterOp, Crdt, Dot, Hlc, Op, TypeTag};
 /// let a = ActorId::new(1);
-/// let mut floor = VersionVector::new();
-/// floor.observe(a, 4);
 /// let write = LocalWrite {
 ///     key: Key::new("k").unwrap(),
 ///     op: Op::from(CounterOp::inc(1)),
@@ -82,17 +67,21 @@ pub fn absent_base(tag: TypeTag, actor: ActorId, floor: &VersionVector) -> Crdt 
 ///     hlc: Hlc::new(1, 0),
 ///     expect: Expect::Any,
 /// };
-/// let delta = local_delta(&absent_base(TypeTag::PnCounter, a, &floor), true, &write).unwrap();
-/// assert!(delta.context().contains(Dot::new(a, 1)) && delta.context().contains(Dot::new(a, 5)));
+/// let delta = local_delta(&Crdt::empty(TypeTag::PnCounter), &write, 4).unwrap();
+/// assert!(delta.context().contains(Dot::new(a, 5)));
+/// assert_eq!(delta.context().cloud_len(), 0);
 /// ```
 pub fn local_delta(
     state: &Crdt,
-    absent: bool,
     write: &LocalWrite,
+    floor: u64,
 ) -> Result<Crdt, geostate_crdt::Error> {
-    let mut delta = state.apply(write.actor, write.hlc, &write.op)?;
-    if absent && !delta.context().is_empty() {
-        delta.merge(state)?;
+    let Some(lifted) = state.lifted(write.actor, floor) else {
+        return state.apply(write.actor, write.hlc, &write.op);
+    };
+    let mut delta = lifted.apply(write.actor, write.hlc, &write.op)?;
+    if !delta.context().is_empty() {
+        delta.merge(&lifted)?;
     }
     Ok(delta)
 }
@@ -115,8 +104,9 @@ pub fn local_delta(
 /// - keep digests equal for equal contents, whatever the order of the writes that produced
 ///   them (see [`crate::digest`]);
 /// - keep, per partition, a dot floor covering every dot of every value physically removed
-///   from it ([`purge`](StateBackend::purge), [`delete`](StateBackend::delete)), and compute a
-///   local write to an absent key with [`absent_base`] and [`local_delta`];
+///   from it ([`purge`](StateBackend::purge), [`delete`](StateBackend::delete)), and compute
+///   every local write with [`local_delta`] given the writer's floor, read in the write's
+///   atomic section;
 /// - reject a value whose canonical payload ([`geostate_crdt::envelope::payload_len`], before
 ///   compression, so that every region accepts the same values) would exceed
 ///   [`Layout::value_bytes_max`] without writing anything.

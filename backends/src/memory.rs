@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use geostate_crdt::{envelope, Crdt, TypeTag, VersionVector};
 
-use crate::backend::{absent_base, check_origin, local_delta, page_limit};
+use crate::backend::{check_origin, local_delta, page_limit};
 use crate::digest::{entry_hash, raw_hash, value_hash};
 use crate::{
     BackendError, FeedEntry, FeedPage, Key, Layout, LocalWrite, PartitionDigest, Receipt, ScanItem,
@@ -167,12 +167,12 @@ impl MemoryBackend {
             None => None,
         };
         write.expect.check(&write.key, current.map(|(_, v)| v))?;
-        let base;
+        let empty;
         let state = match (current, write.op.type_tag()) {
             (Some((value, _)), _) => value,
             (None, Some(tag)) => {
-                base = absent_base(tag, write.actor, &part.floor);
-                &base
+                empty = Crdt::empty(tag);
+                &empty
             }
             // A deletion of a key that holds nothing changes nothing.
             (None, None) => {
@@ -184,7 +184,7 @@ impl MemoryBackend {
                 })
             }
         };
-        let delta = local_delta(state, current.is_none(), &write)?;
+        let delta = local_delta(state, &write, part.floor.get(write.actor))?;
         if delta.context().is_empty() {
             return Ok(Receipt {
                 partition: index,

@@ -36,14 +36,15 @@ use std::future::Future;
 use std::sync::Arc;
 
 use geostate_crdt::{
-    envelope, ActorId, CounterOp, Crdt, FieldOp, Hlc, MapOp, Op, OrSet, RegisterOp, SetOp, TypeTag,
+    envelope, ActorId, CounterOp, Crdt, Dot, FieldOp, Hlc, MapOp, Op, OrSet, RegisterOp, SetOp,
+    TypeTag, VersionVector,
 };
 use tokio::task::JoinHandle;
 
 use crate::digest::{entry_hash, value_hash};
 use crate::{
     BackendError, Expect, FeedEntry, Key, Layout, LocalWrite, PartitionDigest, RawAccess, Receipt,
-    ScanItem, StateBackend, Stored, KEY_BYTES_MAX, PAGE_LIMIT_MAX,
+    ScanItem, StateBackend, Stored, Tombstone, KEY_BYTES_MAX, PAGE_LIMIT_MAX,
 };
 
 macro_rules! run_cases {
@@ -84,6 +85,8 @@ where
         cursors,
         conflict_feed,
         batch_forms,
+        tombstones_are_listed_and_purged,
+        purge_races_local_writes,
     );
 }
 
@@ -3136,5 +3139,682 @@ where
         all_digests(&single).await,
         all_digests(&batch).await,
         "digests after deletes"
+    );
+    for p in 0..layout.partitions() {
+        assert_eq!(
+            floor_of(&single, p).await,
+            floor_of(&batch, p).await,
+            "partition {p}: delete_many and delete raise the dot floor alike"
+        );
+    }
+    assert!(
+        !floor_of(&batch, layout.partition_of(&a)).await.is_empty(),
+        "deleting a value raises its partition's dot floor"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Garbage collection of tombstones
+// ---------------------------------------------------------------------------------------------
+
+/// Every page of `partition`'s tombstones, resuming from each page's `next`, with `limit` per
+/// page; checks the page bounds on the way.
+async fn all_tombstones<B: StateBackend>(b: &B, partition: u16, limit: usize) -> Vec<Tombstone> {
+    let mut out: Vec<Tombstone> = Vec::new();
+    let mut after: Option<Key> = None;
+    loop {
+        let page = b
+            .tombstones(partition, after.as_ref(), limit)
+            .await
+            .unwrap_or_else(|e| panic!("tombstones({partition}, {after:?}, {limit}): {e}"));
+        assert!(
+            page.items.len() <= limit,
+            "tombstones({partition}, {after:?}, {limit}) returned {} items",
+            page.items.len()
+        );
+        out.extend(page.items.iter().cloned());
+        match page.next {
+            Some(next) => {
+                assert_eq!(
+                    page.items.last().map(|t| &t.key),
+                    Some(&next),
+                    "tombstones({partition}, {after:?}, {limit}): next must be the page's last key"
+                );
+                after = Some(next);
+            }
+            None => return out,
+        }
+    }
+}
+
+/// What `tombstones` must list for `keys` (of one partition): those holding a value with no
+/// live dot, in key order, with their version and value hash.
+async fn expected_tombstones<B: StateBackend>(b: &B, keys: &[Key]) -> Vec<Tombstone> {
+    let mut sorted: Vec<&Key> = keys.iter().collect();
+    sorted.sort();
+    sorted.dedup();
+    let mut out = Vec::new();
+    for k in sorted {
+        if let Ok(Some(stored)) = b.get(k).await {
+            if stored.value.is_bottom() {
+                out.push(Tombstone {
+                    key: k.clone(),
+                    version: stored.version,
+                    hash: value_hash(&stored.value).expect("value_hash"),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The values under `keys`, for [`assert_digests_match`].
+async fn contents_of<B: StateBackend>(b: &B, keys: &[Key]) -> BTreeMap<Key, Crdt> {
+    let mut out = BTreeMap::new();
+    for k in keys {
+        if let Some(stored) = b.get(k).await.expect("get") {
+            out.insert(k.clone(), stored.value);
+        }
+    }
+    out
+}
+
+async fn floor_of<B: StateBackend>(b: &B, partition: u16) -> VersionVector {
+    b.dot_floor(partition)
+        .await
+        .unwrap_or_else(|e| panic!("dot_floor({partition}): {e}"))
+}
+
+/// Tombstones and their garbage collection. Values of every type are written in one partition
+/// and some are deleted or cleared (and one is created by merging a remote removal):
+/// `tombstones` lists exactly the keys holding no live dot, in key order, with the version and
+/// value hash `get` shows, never another partition's, in pages of any size resumed from
+/// `next` (also after a key that is no tombstone). `purge` refuses (returns false and changes
+/// nothing: value, bytes, feed, digest, floor) a wrong version, a live key, an absent key and
+/// a corrupt value; at the right version it removes the key and its digest contribution
+/// (digests equal the XOR of what is left), is not fed, and raises the partition's dot floor
+/// to exactly the tombstone's context maxima (no other partition's). A local write to a purged
+/// key then mints a dot above the floor for its actor and reads back without the removed
+/// value's contents; merging the purged tombstone back (a delayed delivery) does not remove
+/// it. `delete` and `delete_many` raise the floor by the removed values' contexts too (a
+/// corrupt value raises nothing), and a later write to a deleted key starts above the floor.
+pub async fn tombstones_are_listed_and_purged<B, F, Fut>(builder: &F)
+where
+    B: StateBackend + RawAccess,
+    F: Fn() -> Fut,
+    Fut: Future<Output = B>,
+{
+    let b = builder().await;
+    let layout = b.layout().clone();
+    assert!(
+        layout.partitions() >= 4,
+        "tombstones_are_listed_and_purged needs at least 4 partitions"
+    );
+    let p = 1;
+    let ks = keys_in_partition(&layout, p, "gc:", 14);
+    let elsewhere = keys_in_partition(&layout, 2, "gc:", 1).remove(0);
+    let mut all_keys = ks.clone();
+    all_keys.push(elsewhere.clone());
+    for q in 0..layout.partitions() {
+        assert!(
+            floor_of(&b, q).await.is_empty(),
+            "a fresh store's dot floor of partition {q} is empty"
+        );
+        assert!(
+            b.tombstones(q, None, 10).await.unwrap().items.is_empty(),
+            "a fresh store lists no tombstone in partition {q}"
+        );
+    }
+
+    let map_inc = |n| Op::from(MapOp::update("f", FieldOp::Counter(CounterOp::inc(n))));
+    let mut steps: Vec<(usize, Op, u64)> = Vec::new();
+    for _ in 0..6 {
+        steps.push((0, CounterOp::inc(1).into(), 1));
+    }
+    steps.extend([
+        (0, CounterOp::inc(2).into(), 4),
+        (1, CounterOp::inc(3).into(), 1),
+        (1, CounterOp::inc(1).into(), 1),
+        (1, Op::Delete, 2),
+        (2, SetOp::add("a").into(), 1),
+        (2, SetOp::add("b").into(), 2),
+        (2, SetOp::Clear.into(), 1),
+        (3, SetOp::add("x").into(), 1),
+        (4, lww("v"), 1),
+        (4, Op::Delete, 2),
+        (5, lww("w"), 2),
+        (6, Op::Mv(RegisterOp::write("p")), 1),
+        (6, Op::Mv(RegisterOp::write("q")), 2),
+        (6, Op::Mv(RegisterOp::Clear), 1),
+        (7, map_inc(2), 1),
+        (
+            7,
+            MapOp::update("g", FieldOp::Set(SetOp::add("e"))).into(),
+            2,
+        ),
+        (7, Op::Delete, 1),
+        (8, map_inc(1), 3),
+        (9, Op::GCounterInc(3), 1),
+        (9, Op::Delete, 2),
+        (10, SetOp::add("y").into(), 3),
+        (10, SetOp::remove("y").into(), 3),
+    ]);
+    for (time, (i, op, actor)) in steps.into_iter().enumerate() {
+        apply_ok(&b, write(&ks[i], op, actor, time as u64)).await;
+    }
+    // A tombstone created by a remote removal merged into an absent key.
+    let remote = Crdt::empty(TypeTag::OrSet)
+        .apply(ActorId::new(5), at(1), &SetOp::add("r").into())
+        .unwrap();
+    merge_ok(&b, &ks[11], &remote.removal_delta()).await;
+    // ks[12] and ks[13] stay absent; another partition gets a tombstone of its own.
+    apply_ok(&b, write(&elsewhere, SetOp::add("o"), 1, 1)).await;
+    apply_ok(&b, write(&elsewhere, Op::Delete, 1, 2)).await;
+
+    let expected = expected_tombstones(&b, &ks).await;
+    let names: BTreeSet<&Key> = expected.iter().map(|t| &t.key).collect();
+    let intended: BTreeSet<&Key> = [1, 2, 4, 6, 7, 9, 10, 11].iter().map(|&i| &ks[i]).collect();
+    assert_eq!(
+        names, intended,
+        "the deleted or cleared keys (and only they) hold no live dot"
+    );
+    let full = b.tombstones(p, None, 100).await.unwrap();
+    assert_eq!(
+        full.items, expected,
+        "tombstones({p}) must list exactly the keys holding no live dot, in key order, with \
+         their versions and value hashes"
+    );
+    assert_eq!(full.next, None, "a page holding everything has no next");
+    for limit in [1, 2, 3, 7] {
+        assert_eq!(
+            all_tombstones(&b, p, limit).await,
+            expected,
+            "tombstones({p}) in pages of {limit}"
+        );
+    }
+    let live = &ks[0];
+    let after_live: Vec<Tombstone> = expected.iter().filter(|t| &t.key > live).cloned().collect();
+    assert_eq!(
+        b.tombstones(p, Some(live), 100).await.unwrap().items,
+        after_live,
+        "tombstones after a key that is no tombstone"
+    );
+    let last = &expected.last().unwrap().key;
+    let page = b.tombstones(p, Some(last), 100).await.unwrap();
+    assert!(
+        page.items.is_empty() && page.next.is_none(),
+        "nothing after the last tombstone"
+    );
+    assert_eq!(
+        b.tombstones(2, None, 100)
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .map(|t| &t.key)
+            .collect::<Vec<_>>(),
+        vec![&elsewhere],
+        "each partition lists its own tombstones"
+    );
+    assert_invalid_argument(
+        &b.tombstones(layout.partitions(), None, 10).await,
+        "tombstones of a partition out of range",
+    );
+    assert_invalid_argument(&b.tombstones(p, None, 0).await, "tombstones with limit 0");
+    assert_invalid_argument(
+        &b.dot_floor(layout.partitions()).await,
+        "dot_floor of a partition out of range",
+    );
+
+    // Purges that must refuse.
+    let victim = expected
+        .iter()
+        .find(|t| t.key == ks[1])
+        .cloned()
+        .expect("ks[1] is a tombstone");
+    let live_version = must_get(&b, live).await.version;
+    let refusals: Vec<(&Key, u64, &str)> = vec![
+        (&victim.key, victim.version + 1, "a wrong version"),
+        (&victim.key, 0, "version 0"),
+        (live, live_version, "a live key at its version"),
+        (&ks[12], 1, "an absent key"),
+    ];
+    for (k, version, what) in refusals {
+        let before = observe(&b, k).await;
+        let floor = floor_of(&b, p).await;
+        assert!(
+            !b.purge(k, version).await.unwrap(),
+            "purge of {what} must return false"
+        );
+        assert_unchanged(&before, &observe(&b, k).await, &format!("purge of {what}"));
+        assert_eq!(
+            floor_of(&b, p).await,
+            floor,
+            "purge of {what} must not raise the floor"
+        );
+    }
+
+    // Purges that succeed: a counter and a set tombstone.
+    let feed = feed_bounds(&b, p).await;
+    let mut floor = VersionVector::new();
+    let mut purged: Vec<(Key, Crdt)> = Vec::new();
+    for k in [&ks[1], &ks[2]] {
+        let t = expected.iter().find(|t| &t.key == k).cloned().unwrap();
+        let old = must_get(&b, k).await.value;
+        assert!(
+            b.purge(k, t.version).await.unwrap(),
+            "purge({k}, {}) of a tombstone at its version",
+            t.version
+        );
+        assert_eq!(b.get(k).await.unwrap(), None, "{k}: purged keys are gone");
+        assert_eq!(
+            b.raw_get(k).await.unwrap(),
+            None,
+            "{k}: purged bytes are gone"
+        );
+        assert!(
+            !b.purge(k, t.version).await.unwrap(),
+            "{k}: a second purge finds nothing"
+        );
+        floor.merge(&old.context().maxima());
+        purged.push((k.clone(), old));
+    }
+    assert!(
+        floor.get(ActorId::new(1)) >= 2,
+        "the purged tombstones carry dots of actor 1"
+    );
+    assert_eq!(
+        floor_of(&b, p).await,
+        floor,
+        "the dot floor is the join of the purged tombstones' context maxima"
+    );
+    for q in (0..layout.partitions()).filter(|&q| q != p) {
+        assert!(
+            floor_of(&b, q).await.is_empty(),
+            "a purge in partition {p} raises no floor of partition {q}"
+        );
+    }
+    assert_eq!(feed_bounds(&b, p).await, feed, "a purge is not fed");
+    assert_digests_match(
+        &b,
+        &contents_of(&b, &all_keys).await,
+        "after purges (a purged key leaves the digest)",
+    )
+    .await;
+    let remaining: Vec<Tombstone> = expected
+        .iter()
+        .filter(|t| t.key != ks[1] && t.key != ks[2])
+        .cloned()
+        .collect();
+    assert_eq!(
+        all_tombstones(&b, p, 2).await,
+        remaining,
+        "purged tombstones are no longer listed"
+    );
+
+    // Writes to purged keys start above the floor: no dot of a purged value is minted again,
+    // so its tombstone, delivered late, removes nothing new.
+    for ((k, old), (op, actor)) in purged.iter().zip([
+        (Op::from(CounterOp::inc(4)), 1u64),
+        (SetOp::add("n").into(), 2),
+    ]) {
+        let a = ActorId::new(actor);
+        let r = apply_ok(&b, write(k, op, actor, 100)).await;
+        let dot = Dot::new(a, floor.get(a) + 1);
+        assert!(
+            r.delta.context().contains(dot) && r.delta.context().max(a) == dot.counter,
+            "{k}: a write after a purge mints {dot}, the next dot above the floor (delta context \
+             {:?})",
+            r.delta.context()
+        );
+        let stored = must_get(&b, k).await;
+        assert_eq!(stored.version, r.version);
+        assert_eq!(
+            stored.value, r.delta,
+            "{k}: a write to a purged key stores exactly its delta"
+        );
+        merge_ok(&b, k, old).await;
+        let after = must_get(&b, k).await.value;
+        match &after {
+            Crdt::PnCounter(_) => assert_eq!(
+                counter_value(&after),
+                4,
+                "{k}: a purged counter's old counts are not back, and the new one survives \
+                 its old tombstone"
+            ),
+            _ => assert_eq!(
+                or_set(&after).iter().cloned().collect::<Vec<_>>(),
+                vec![b"n".to_vec()],
+                "{k}: the new element survives the purged tombstone"
+            ),
+        }
+    }
+
+    // A purged key that comes back through a remote merge (another region's write) holds
+    // none of the local writer's old dots: the writer's next write is still lifted above the
+    // floor, so it does not mint a purged dot again.
+    let back = keys_in_partition(&layout, p, "gc-back:", 1).remove(0);
+    all_keys.push(back.clone());
+    apply_ok(&b, write(&back, SetOp::add("old"), 5, 200)).await;
+    apply_ok(&b, write(&back, Op::Delete, 5, 201)).await;
+    let version = must_get(&b, &back).await.version;
+    assert!(b.purge(&back, version).await.unwrap(), "purge of {back}");
+    let a5 = ActorId::new(5);
+    let floor5 = floor_of(&b, p).await.get(a5);
+    assert!(floor5 >= 1, "the purge raised actor 5's floor");
+    let remote = Crdt::empty(TypeTag::OrSet)
+        .apply(ActorId::new(9), at(202), &Op::from(SetOp::add("remote")))
+        .unwrap();
+    merge_ok(&b, &back, &remote).await;
+    let r = apply_ok(&b, write(&back, SetOp::add("new"), 5, 203)).await;
+    assert!(
+        r.delta.context().max(a5) == floor5 + 1,
+        "{back}: a write to a purged key re-created by a merge mints dot {}:{} (delta context          {:?})",
+        5,
+        floor5 + 1,
+        r.delta.context()
+    );
+    let mut elements: Vec<Vec<u8>> = or_set(&must_get(&b, &back).await.value)
+        .iter()
+        .cloned()
+        .collect();
+    elements.sort();
+    assert_eq!(elements, vec![b"new".to_vec(), b"remote".to_vec()]);
+
+    // delete raises the floor by whatever it removes.
+    let before = floor_of(&b, p).await;
+    let removed = must_get(&b, live).await.value.context().maxima();
+    assert!(
+        removed.get(ActorId::new(1)) > before.get(ActorId::new(1))
+            && removed.get(ActorId::new(4)) > 0,
+        "the test's live counter has dots above the floor"
+    );
+    assert!(b.delete(live).await.unwrap(), "delete of a live key");
+    let mut want = before.clone();
+    want.merge(&removed);
+    assert_eq!(
+        floor_of(&b, p).await,
+        want,
+        "delete raises the floor by the removed value's context"
+    );
+    assert!(!b.delete(live).await.unwrap(), "delete of an absent key");
+    assert_eq!(
+        floor_of(&b, p).await,
+        want,
+        "deleting nothing raises nothing"
+    );
+    let mut raise = VersionVector::new();
+    for k in [&ks[3], &ks[5]] {
+        raise.merge(&must_get(&b, k).await.value.context().maxima());
+    }
+    assert_eq!(
+        b.delete_many(&[ks[3].clone(), ks[3].clone(), ks[5].clone()])
+            .await
+            .unwrap(),
+        vec![true, false, true],
+        "delete_many"
+    );
+    want.merge(&raise);
+    assert_eq!(
+        floor_of(&b, p).await,
+        want,
+        "delete_many raises the floor by every removed value's context"
+    );
+    let a4 = ActorId::new(4);
+    let r = apply_ok(&b, write(live, CounterOp::inc(9), 4, 200)).await;
+    assert_eq!(
+        r.delta.context().max(a4),
+        want.get(a4) + 1,
+        "a write to a deleted key starts above the floor"
+    );
+    assert_eq!(counter_value(&must_get(&b, live).await.value), 9);
+
+    // A corrupt value is no tombstone: never listed, never purged; deleting it raises nothing.
+    let bad = &ks[13];
+    b.raw_put(bad, b"not an envelope".to_vec()).await.unwrap();
+    assert!(
+        !all_tombstones(&b, p, 100)
+            .await
+            .iter()
+            .any(|t| &t.key == bad),
+        "a corrupt value is not listed as a tombstone"
+    );
+    let floor = floor_of(&b, p).await;
+    for version in 1..=100 {
+        assert!(
+            !b.purge(bad, version).await.unwrap(),
+            "purge of a corrupt value (version {version})"
+        );
+    }
+    assert!(
+        b.raw_get(bad).await.unwrap().is_some(),
+        "the corrupt bytes are kept"
+    );
+    assert!(b.delete(bad).await.unwrap(), "delete of a corrupt value");
+    assert_eq!(
+        floor_of(&b, p).await,
+        floor,
+        "deleting a corrupt value raises nothing"
+    );
+    assert_eq!(
+        all_tombstones(&b, p, 3).await,
+        expected_tombstones(&b, &ks).await,
+        "the listing at the end"
+    );
+    assert_digests_match(&b, &contents_of(&b, &all_keys).await, "at the end").await;
+}
+
+/// Writers race a garbage collector on one partition of one store: see [`purge_race`].
+pub async fn purge_races_local_writes<B, F, Fut>(builder: &F)
+where
+    B: StateBackend + RawAccess,
+    F: Fn() -> Fut,
+    Fut: Future<Output = B>,
+{
+    let b = Arc::new(builder().await);
+    purge_race(Arc::clone(&b), b).await;
+}
+
+/// One acknowledged operation of [`purge_race`], between two ticks of a shared logical clock
+/// taken just before it was invoked and just after it was acknowledged.
+struct Timed<T> {
+    invoked: u64,
+    acked: u64,
+    what: T,
+}
+
+/// What one writer of [`purge_race`] did.
+#[derive(Default)]
+struct Writes {
+    adds: Vec<Timed<Vec<u8>>>,
+    /// The deletes that removed something, with their removal deltas.
+    deletes: Vec<Timed<Crdt>>,
+    /// Counter keys (one writer each): the increments since the last delete.
+    total: i128,
+}
+
+/// Writers and a garbage collector race on one partition; `a` and `b` are two handles on one
+/// store (the same one twice, or two connections, as two processes have). Sets: four keys,
+/// each written by two tasks (one through each handle) that add distinct elements and now and
+/// then delete the key; counters: four keys with one writer each, which now and then deletes
+/// its key. All write as ONE actor, so every purge raises the floor that writes to absent keys
+/// start from. Meanwhile a collector lists the partition's tombstones and purges each at its
+/// listed version, over and over, through both handles in turn.
+///
+/// No acknowledged write is lost, none is resurrected: an element whose add was acknowledged
+/// before every delete of its key was invoked is present; one added before a delete was
+/// invoked is gone; a counter holds exactly the increments since its last delete. Merging back
+/// every removal the writers made (a delayed delivery from another region) changes none of
+/// that: no write after a purge reused a dot of a purged value. The listing agrees with `get`
+/// and the floor covers what was purged.
+pub async fn purge_race<B: StateBackend>(a: Arc<B>, b: Arc<B>) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    const SETS: usize = 4;
+    const COUNTERS: usize = 4;
+    const OPS: u64 = 120;
+    const ACTOR: u64 = 7;
+    let layout = a.layout().clone();
+    assert!(
+        layout.partitions() >= 4,
+        "purge_race needs at least 4 partitions"
+    );
+    let p = 2;
+    let keys = Arc::new(keys_in_partition(&layout, p, "gc-race:", SETS + COUNTERS));
+    let done = Arc::new(AtomicBool::new(false));
+    let clock = Arc::new(AtomicU64::new(0));
+    let collector = {
+        let (handles, done) = ([Arc::clone(&a), Arc::clone(&b)], Arc::clone(&done));
+        tokio::spawn(async move {
+            let (mut purged, mut refused, mut rounds) = (0u64, 0u64, 0u64);
+            loop {
+                let finished = done.load(SeqCst);
+                let store = &handles[(rounds % 2) as usize];
+                let mut after: Option<Key> = None;
+                loop {
+                    let page = store
+                        .tombstones(p, after.as_ref(), 3)
+                        .await
+                        .unwrap_or_else(|e| panic!("collector: tombstones: {e}"));
+                    for t in &page.items {
+                        match store.purge(&t.key, t.version).await {
+                            Ok(true) => purged += 1,
+                            Ok(false) => refused += 1,
+                            Err(e) => panic!("collector: purge({}, {}): {e}", t.key, t.version),
+                        }
+                    }
+                    match page.next {
+                        Some(next) => after = Some(next),
+                        None => break,
+                    }
+                }
+                rounds += 1;
+                if finished {
+                    return (purged, refused, rounds);
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    // Task t writes key t / 2 for sets (t < 2 * SETS), key t - SETS for counters.
+    let handles = (0..2 * SETS + COUNTERS)
+        .map(|t| {
+            let store = Arc::clone(if t % 2 == 0 { &a } else { &b });
+            let (keys, clock) = (Arc::clone(&keys), Arc::clone(&clock));
+            tokio::spawn(async move {
+                let set = t < 2 * SETS;
+                let k = &keys[if set { t / 2 } else { t - SETS }];
+                let mut rng = Rng::new(0x6c00 + t as u64);
+                let mut writes = Writes::default();
+                for i in 0..OPS {
+                    let delete = rng.below(8) == 0;
+                    let element = format!("t{t}-{i}").into_bytes();
+                    let n = 1 + rng.below(3);
+                    let op = if delete {
+                        Op::Delete
+                    } else if set {
+                        SetOp::add(element.clone()).into()
+                    } else {
+                        CounterOp::inc(n).into()
+                    };
+                    let invoked = clock.fetch_add(1, SeqCst);
+                    let r = store
+                        .apply(write(k, op, ACTOR, i))
+                        .await
+                        .unwrap_or_else(|e| panic!("task {t}, op {i} on {k}: {e}"));
+                    let acked = clock.fetch_add(1, SeqCst);
+                    if delete {
+                        if r.seq.is_some() {
+                            writes.deletes.push(Timed {
+                                invoked,
+                                acked,
+                                what: r.delta,
+                            });
+                        }
+                        writes.total = 0;
+                        // Leave the tombstone to the collector for a moment.
+                        let pause = 1 + rng.below(3);
+                        tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                    } else if set {
+                        writes.adds.push(Timed {
+                            invoked,
+                            acked,
+                            what: element,
+                        });
+                    } else {
+                        writes.total += i128::from(n);
+                    }
+                }
+                writes
+            })
+        })
+        .collect();
+    let outcomes = join_all(handles).await;
+    done.store(true, SeqCst);
+    let (purged, refused, rounds) = join_all(vec![collector]).await.remove(0);
+    println!("purge_race: {purged} tombstones purged, {refused} purges refused, {rounds} rounds");
+    assert!(
+        purged > 0,
+        "the collector purged nothing: the race was not exercised"
+    );
+
+    let check = |what: &'static str| {
+        let (a, keys, outcomes) = (&a, &keys, &outcomes);
+        async move {
+            for (i, k) in keys.iter().enumerate() {
+                let value = a.get(k).await.unwrap().map(|s| s.value);
+                if i >= SETS {
+                    let got = value.as_ref().map_or(0, counter_value);
+                    assert_eq!(
+                        got,
+                        outcomes[SETS + i].total,
+                        "{what}: {k} does not hold the increments made since its last delete"
+                    );
+                    continue;
+                }
+                let got: BTreeSet<Vec<u8>> = value
+                    .as_ref()
+                    .map(|v| or_set(v).iter().cloned().collect())
+                    .unwrap_or_default();
+                let writers = &outcomes[2 * i..2 * i + 2];
+                let deletes: Vec<&Timed<Crdt>> = writers.iter().flat_map(|w| &w.deletes).collect();
+                for add in writers.iter().flat_map(|w| &w.adds) {
+                    let name = String::from_utf8_lossy(&add.what);
+                    if deletes.iter().all(|d| d.acked < add.invoked) {
+                        assert!(
+                            got.contains(&add.what),
+                            "{what}: {k} lost {name}, added after every delete (an \
+                             acknowledged write was purged, or its dot was minted again)"
+                        );
+                    }
+                    if deletes.iter().any(|d| d.invoked > add.acked) {
+                        assert!(
+                            !got.contains(&add.what),
+                            "{what}: {k} holds {name}, which a later delete removed"
+                        );
+                    }
+                }
+            }
+        }
+    };
+    check("after the race").await;
+    for (i, k) in keys.iter().enumerate() {
+        let writers = if i < SETS {
+            &outcomes[2 * i..2 * i + 2]
+        } else {
+            &outcomes[SETS + i..SETS + i + 1]
+        };
+        for d in writers.iter().flat_map(|w| &w.deletes) {
+            merge_ok(&*a, k, &d.what).await;
+        }
+    }
+    check("after merging every removal back").await;
+    assert_eq!(
+        all_tombstones(&*b, p, 5).await,
+        expected_tombstones(&*a, &keys).await,
+        "the listing agrees with get after the race"
+    );
+    assert!(
+        floor_of(&*a, p).await.get(ActorId::new(ACTOR)) > 0,
+        "purges raised the floor of the writers' actor"
     );
 }

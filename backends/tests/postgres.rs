@@ -397,6 +397,19 @@ async fn corrupt_bytes_written_by_psql_are_reported_and_left_alone() {
     }
 }
 
+/// Writers and a garbage collector on two stores opened on one schema (two connection pools,
+/// as two processes have): no acknowledged write is lost nor any dot minted twice (see
+/// `suite::purge_race`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn purges_race_the_writes_of_another_store() {
+    let schemas = Schemas::new("gcrace");
+    let config = schemas.config(schemas.fresh(), Layout::default());
+    let a = Arc::new(PostgresBackend::connect(config.clone()).await.unwrap());
+    let b = Arc::new(PostgresBackend::connect(config).await.unwrap());
+    suite::purge_race(Arc::clone(&a), Arc::clone(&b)).await;
+    println!("store a: {:?}; store b: {:?}", a.stats(), b.stats());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Two OS processes writing one key
 // ---------------------------------------------------------------------------------------------

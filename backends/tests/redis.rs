@@ -188,6 +188,22 @@ async fn standalone_contention_with_and_without_local_locks() {
     }
 }
 
+/// Writers and a garbage collector on two handles of one store (each with its own
+/// connections and local key locks, as two processes have), so that writes to one key and
+/// purges race through the scripts' checks alone: no acknowledged write is lost nor any dot
+/// minted twice (see `suite::purge_race`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn purges_race_the_writes_of_another_handle() {
+    use std::sync::Arc;
+
+    let ns = Namespace::new(shared_server(), "gc-race");
+    let config = ns.config(Layout::default());
+    let a = Arc::new(connect(config.clone()).await);
+    let b = Arc::new(connect(config).await);
+    suite::purge_race(Arc::clone(&a), Arc::clone(&b)).await;
+    println!("handle a: {:?}; handle b: {:?}", a.stats(), b.stats());
+}
+
 fn is_corrupt<T: std::fmt::Debug>(r: &Result<T, geostate_backends::BackendError>, what: &str) {
     match r {
         Err(geostate_backends::BackendError::Corrupt { .. }) => {}

@@ -9,8 +9,9 @@
 //! | table | holds |
 //! |---|---|
 //! | `gs_meta` | the partition and bucket counts the schema was created with (pinned) |
-//! | `gs_partitions` | per partition: the version clock, the feed's `last_seq` and how far it is trimmed |
-//! | `gs_values` | key (`text COLLATE "C"`, primary key), partition, bucket, envelope (`bytea`), version, value hash, entry hash |
+//! | `gs_partitions` | per partition: the version clock, the feed's `last_seq` and how far it is trimmed, the floor epoch (bumped by every purge and delete) |
+//! | `gs_values` | key (`text COLLATE "C"`, primary key), partition, bucket, envelope (`bytea`), version, value hash, entry hash, whether it is a tombstone (partial index per partition) |
+//! | `gs_dot_floors` | per `(partition, actor)`, the highest counter of the actor in any value removed from the partition |
 //! | `gs_feed` | per partition, `(seq, key, delta envelope, origin actor, HLC)` of local writes |
 //! | `gs_digests` | per `(partition, bucket)`, the XOR of the bucket's entry hashes |
 //! | `gs_cursors` | replication cursors `(origin, partition) -> seq` |
@@ -25,24 +26,43 @@
 //! [`apply`](StateBackend::apply) runs, in one `READ COMMITTED` transaction on the primary:
 //!
 //! 1. `SELECT ... FROM gs_values WHERE key = $1 FOR UPDATE`: locks the key's row, so
-//!    concurrent writers of one key (tasks or processes) queue here;
+//!    concurrent writers of one key (tasks or processes) queue here; when there is no row
+//!    (the key is absent), one more statement reads the partition's floor epoch and the
+//!    writer's dot floor, in one snapshot;
 //! 2. in Rust: decode the stored envelope (undecodable bytes end the transaction with
 //!    [`BackendError::Corrupt`]; nothing is written), check the compare-and-set condition,
-//!    compute the operation's delta from the locked state, join it, check the size limit and
-//!    hash the result for the digest;
+//!    compute the operation's delta from the locked state with [`local_delta`] and the
+//!    writer's dot floor (read by the locking statement, or with the epoch for an absent
+//!    key), join it, check the size limit and hash the result for the digest;
 //! 3. one statement: bump the partition's row in `gs_partitions` (next version, next feed
-//!    sequence number, new trim point), insert or update the value, append the feed entry,
-//!    delete the entries beyond `feed_entries_max`, and XOR the key's old and new entry hashes
-//!    into its digest bucket;
+//!    sequence number, new trim point), insert or update the value (with its tombstone flag),
+//!    append the feed entry, delete the entries beyond `feed_entries_max`, and XOR the key's
+//!    old and new entry hashes into its digest bucket;
 //! 4. `COMMIT`, then acknowledge.
 //!
 //! A key that does not exist yet has no row to lock: two writers creating it race on the
 //! primary key, and the loser's transaction is retried (it then finds and locks the row).
-//! A write transaction writes one key and takes its locks in the order key row, partition
-//! row, digest row, so writes never deadlock one another (a physical delete locks key rows,
-//! then digest rows, and waits for no lock after that). The partition row is held from step 3
-//! to the commit, so feed sequence numbers are handed out in commit order: a reader that has
-//! seen entry `n` has seen every entry before it.
+//! Nor does that lock keep a purge away: between step 1 and step 3 another writer could
+//! create the key and a collector purge it, raising the floor above the one the delta was
+//! computed from. So a write to an absent key updates the partition row in step 3 only if its
+//! floor epoch is still the one read in step 1; every purge and delete bumps the epoch in the
+//! transaction that raises the floor, and `READ COMMITTED` re-checks the condition on the
+//! newest row version after waiting for the row lock, so a removal that committed in between
+//! leaves nothing written and the attempt is retried. (Any removal in the partition does; a
+//! harmless extra attempt. Writes to existing keys pass no epoch and are unchanged.)
+//!
+//! Locks are taken in the order key rows, partition rows, dot floor rows, digest rows: a
+//! write takes one of each (no floor row); a purge locks its key row, then bumps the
+//! partition's epoch and raises the floor, then deletes the row and its digest contribution;
+//! a physical delete of many keys locks their rows in key order, decodes them, then locks
+//! their partitions' rows in partition order, raises the floors and deletes. Writes and
+//! removals therefore never deadlock one another. The partition row is held from step 3 to
+//! the commit, so feed sequence numbers are handed out in commit order: a reader that has seen
+//! entry `n` has seen every entry before it.
+//!
+//! [`tombstones`](StateBackend::tombstones) reads the partial index on tombstones in key order
+//! (on the primary, like everything replication decides on). Values written before migration
+//! 2 read as no tombstone until they are written again (kept, never listed: safe).
 //!
 //! [`merge`](StateBackend::merge) is the same transaction without a feed entry.
 //!
@@ -50,7 +70,7 @@
 //! [`merge_many`](StateBackend::merge_many) run each item in its own transaction, in order, on
 //! one connection (a later item sees an earlier one; one item's failure leaves the others'
 //! outcomes alone). [`get_many`](StateBackend::get_many) is one statement;
-//! [`delete_many`](StateBackend::delete_many) one statement per [`DELETE_BATCH_MAX`] keys.
+//! [`delete_many`](StateBackend::delete_many) one transaction per [`DELETE_BATCH_MAX`] keys.
 //!
 //! # Failures
 //!
@@ -103,13 +123,13 @@ mod replicas;
 mod retry;
 mod sql;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use geostate_crdt::{envelope, ActorId, Crdt, Hlc, TypeTag};
+use geostate_crdt::{envelope, ActorId, Crdt, Hlc, TypeTag, VersionVector};
 use sqlx::migrate::Migrator;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, Postgres};
@@ -118,11 +138,11 @@ use sqlx::{Connection, Row, Transaction};
 pub use config::{redact_url, PostgresConfig, ReadPolicy, RetryPolicy};
 pub use replicas::ReplicaStatus;
 
-use crate::backend::{check_origin, page_limit};
+use crate::backend::{check_origin, local_delta, page_limit};
 use crate::digest::entry_hash;
 use crate::{
     fnv1a64, BackendError, FeedEntry, FeedPage, Key, Layout, LocalWrite, PartitionDigest, Receipt,
-    ScanItem, ScanPage, StateBackend, Stored,
+    ScanItem, ScanPage, StateBackend, Stored, Tombstone, TombstonePage,
 };
 use replicas::Replicas;
 use retry::{at_commit, before_commit, Attempt, RetryKind, Rng};
@@ -131,7 +151,7 @@ use sql::{query, Sql};
 /// The embedded migrations (`backends/migrations/postgres/`).
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
-/// Most keys one `delete_many` statement deletes (larger batches take several statements).
+/// Most keys one `delete_many` transaction deletes (larger batches take several).
 pub const DELETE_BATCH_MAX: usize = 1_000;
 
 /// Conflict records kept; older ones are dropped first.
@@ -494,6 +514,8 @@ struct Prepared {
     envelope: Vec<u8>,
     value_hash: u64,
     entry_hash: u64,
+    /// Whether the value holds no live dot (listed by [`StateBackend::tombstones`]).
+    tombstone: bool,
 }
 
 /// The change-feed part of a local write.
@@ -522,6 +544,16 @@ fn stored_key(key: String) -> Result<Key, Attempt> {
     Key::new(key).map_err(|e| {
         Attempt::Fail(BackendError::Unavailable(format!(
             "the store holds an invalid key (changed behind the store's back?): {e}"
+        )))
+    })
+}
+
+/// A dot floor counter (`numeric`, read as text) read back.
+fn floor_counter(text: &str) -> Result<u64, Attempt> {
+    text.parse().map_err(|_| {
+        Attempt::Fail(BackendError::Unavailable(format!(
+            "the store holds an invalid dot floor counter {text:?} (changed behind the store's \
+             back?)"
         )))
     })
 }
@@ -658,6 +690,38 @@ impl Shared {
         }))
     }
 
+    /// [`Self::lock_row`] for a local write by `actor`: also the writer's dot floor entry.
+    async fn lock_row_for_write(
+        &self,
+        tx: &mut PgConnection,
+        key: &Key,
+        actor: ActorId,
+    ) -> Result<(Option<Locked>, u64), Attempt> {
+        let row = query(&self.sql.lock_value_for_write)
+            .bind(key.as_str())
+            .bind(i32::from(self.layout.partition_of(key)))
+            .bind(actor.get() as i64)
+            .fetch_optional(tx)
+            .await
+            .map_err(before_commit)?;
+        let Some(row) = row else {
+            return Ok((None, 0));
+        };
+        let counter: Option<String> = row.try_get(3).map_err(before_commit)?;
+        let floor = match counter {
+            Some(c) => floor_counter(&c)?,
+            None => 0,
+        };
+        Ok((
+            Some(Locked {
+                envelope: row.try_get(0).map_err(before_commit)?,
+                version: unsigned(row.try_get(1).map_err(before_commit)?),
+                entry_hash: row.try_get::<i64, _>(2).map_err(before_commit)? as u64,
+            }),
+            floor,
+        ))
+    }
+
     /// Joins `delta` into `state` (the current value or the empty one) and prepares the result,
     /// enforcing the size limit on the delta and, exactly, on the join.
     fn prepare(&self, key: &Key, state: &Crdt, delta: &Crdt) -> Result<Prepared, BackendError> {
@@ -682,10 +746,14 @@ impl Shared {
             envelope: envelope::encode(&merged, &envelope::Options::default())?,
             value_hash,
             entry_hash: entry_hash(key, value_hash),
+            tombstone: merged.is_bottom(),
         })
     }
 
     /// The statement of step 3 (see the module docs): returns `(version, last_seq)`.
+    /// `floor_epoch`: for a local write to an absent key, the partition's floor epoch read
+    /// with the dot floor; the write then takes place only if no purge or delete in the
+    /// partition has committed since (otherwise the attempt is retried).
     async fn store(
         &self,
         tx: &mut PgConnection,
@@ -693,6 +761,7 @@ impl Shared {
         old_entry_hash: Option<u64>,
         value: Prepared,
         feed: Option<FeedRow>,
+        floor_epoch: Option<i64>,
     ) -> Result<(u64, u64), Attempt> {
         let statement = match old_entry_hash {
             Some(_) => &self.sql.write_existing,
@@ -718,10 +787,19 @@ impl Shared {
             .bind(hlc.physical_ms() as i64)
             .bind(i64::from(hlc.logical()))
             .bind(xor as i64)
+            .bind(floor_epoch)
+            .bind(value.tombstone)
             .fetch_optional(tx)
             .await
             .map_err(before_commit)?;
         let Some(row) = row else {
+            if floor_epoch.is_some() {
+                // The partition row exists (the epoch was read from it): its epoch moved.
+                return Err(Attempt::Retry {
+                    kind: RetryKind::Conflict,
+                    error: "a purge or delete raised the partition's dot floor meanwhile".into(),
+                });
+            }
             return Err(Attempt::Fail(BackendError::Unavailable(format!(
                 "partition row missing in schema {}: was it initialised with this layout?",
                 self.schema
@@ -750,16 +828,20 @@ impl Shared {
     ) -> Result<Step<Receipt>, Attempt> {
         let key = &w.key;
         let partition = self.layout.partition_of(key);
-        let locked = self.lock_row(tx, key).await?;
+        let (locked, mut floor) = self.lock_row_for_write(tx, key, w.actor).await?;
         let current = match &locked {
             Some(row) => Some((decode_value(key, &row.envelope)?, row.version)),
             None => None,
         };
         w.expect.check(key, current.as_ref().map(|(_, v)| *v))?;
         let empty;
+        let mut floor_epoch = None;
         let state = match (&current, w.op.type_tag()) {
             (Some((value, _)), _) => value,
             (None, Some(tag)) => {
+                let (epoch, absent_floor) = self.absent_floor(tx, partition, w.actor).await?;
+                floor_epoch = Some(epoch);
+                floor = absent_floor.get(w.actor);
                 empty = Crdt::empty(tag);
                 &empty
             }
@@ -773,9 +855,7 @@ impl Shared {
                 }))
             }
         };
-        let delta = state
-            .apply(w.actor, w.hlc, &w.op)
-            .map_err(BackendError::from)?;
+        let delta = local_delta(state, w, floor).map_err(BackendError::from)?;
         if delta.context().is_empty() {
             return Ok(Step::Rollback(Receipt {
                 partition,
@@ -792,7 +872,9 @@ impl Shared {
             hlc: w.hlc,
         };
         let old = locked.map(|row| row.entry_hash);
-        let (version, seq) = self.store(tx, key, old, prepared, Some(feed)).await?;
+        let (version, seq) = self
+            .store(tx, key, old, prepared, Some(feed), floor_epoch)
+            .await?;
         Ok(Step::Commit(Receipt {
             partition,
             version,
@@ -842,7 +924,7 @@ impl Shared {
         };
         let prepared = self.prepare(key, &current, delta)?;
         let old = locked.map(|row| row.entry_hash);
-        let (version, _) = self.store(tx, key, old, prepared, None).await?;
+        let (version, _) = self.store(tx, key, old, prepared, None, None).await?;
         Ok(Step::Commit(Receipt {
             partition: self.layout.partition_of(key),
             version,
@@ -871,25 +953,211 @@ impl Shared {
         }
     }
 
-    /// Deletes `keys` (distinct) in one statement; returns the ones that existed.
+    /// The floor epoch of `partition` and `actor`'s entry of its dot floor, in one snapshot.
+    async fn absent_floor(
+        &self,
+        tx: &mut PgConnection,
+        partition: u16,
+        actor: ActorId,
+    ) -> Result<(i64, VersionVector), Attempt> {
+        let row = query(&self.sql.absent_floor)
+            .bind(i32::from(partition))
+            .bind(actor.get() as i64)
+            .fetch_optional(tx)
+            .await
+            .map_err(before_commit)?;
+        let Some(row) = row else {
+            return Err(Attempt::Fail(BackendError::Unavailable(format!(
+                "partition row {partition} missing in schema {}",
+                self.schema
+            ))));
+        };
+        let epoch: i64 = row.try_get(0).map_err(before_commit)?;
+        let counter: Option<String> = row.try_get(1).map_err(before_commit)?;
+        let mut floor = VersionVector::new();
+        if let Some(counter) = counter {
+            floor.observe(actor, floor_counter(&counter)?);
+        }
+        Ok((epoch, floor))
+    }
+
+    /// Bumps the floor epochs of `floors`' partitions and raises their dot floors (see
+    /// `raise_floors` in `sql.rs`): the step of a purge or delete after it locked its rows.
+    async fn raise_floors(
+        &self,
+        tx: &mut PgConnection,
+        floors: &BTreeMap<u16, VersionVector>,
+    ) -> Result<(), Attempt> {
+        let partitions: Vec<i32> = floors.keys().map(|&p| i32::from(p)).collect();
+        let (mut ps, mut actors, mut counters) = (Vec::new(), Vec::new(), Vec::new());
+        for (&p, floor) in floors {
+            for (actor, counter) in floor.iter() {
+                ps.push(i32::from(p));
+                actors.push(actor.get() as i64);
+                counters.push(counter.to_string());
+            }
+        }
+        query(&self.sql.raise_floors)
+            .bind(partitions)
+            .bind(ps)
+            .bind(actors)
+            .bind(counters)
+            .execute(tx)
+            .await
+            .map_err(before_commit)?;
+        Ok(())
+    }
+
+    /// Deletes `keys` (distinct) in one transaction; returns the ones that existed. The rows
+    /// are locked first and decoded, so the partitions' dot floors are raised by exactly the
+    /// values removed (a value that does not decode raises nothing: its dots are unknown).
     async fn try_delete(
         &self,
         slot: &mut Slot<'_>,
         keys: &[String],
     ) -> Result<HashSet<String>, Attempt> {
         let conn = slot.get().await?;
-        let rows = query(&self.sql.delete)
+        let mut tx = conn.begin().await.map_err(before_commit)?;
+        let outcome = self.delete_in(&mut tx, keys).await;
+        finish(tx, outcome).await
+    }
+
+    async fn delete_in(
+        &self,
+        tx: &mut PgConnection,
+        keys: &[String],
+    ) -> Result<Step<HashSet<String>>, Attempt> {
+        let rows = query(&self.sql.lock_values)
             .bind(keys)
-            .fetch_all(conn)
+            .fetch_all(&mut *tx)
             .await
-            // One autocommit statement: a broken connection leaves its outcome unknown.
-            .map_err(at_commit)?;
-        rows.iter()
+            .map_err(before_commit)?;
+        if rows.is_empty() {
+            return Ok(Step::Rollback(HashSet::new()));
+        }
+        let mut found = Vec::with_capacity(rows.len());
+        let mut floors: BTreeMap<u16, VersionVector> = BTreeMap::new();
+        for row in &rows {
+            let key: String = row.try_get(0).map_err(before_commit)?;
+            let partition: i32 = row.try_get(1).map_err(before_commit)?;
+            let bytes: Vec<u8> = row.try_get(2).map_err(before_commit)?;
+            let partition = u16::try_from(partition).map_err(|_| {
+                Attempt::Fail(BackendError::Unavailable(format!(
+                    "key {key:?} is stored with partition {partition} (changed behind the \
+                     store's back?)"
+                )))
+            })?;
+            let floor = floors.entry(partition).or_default();
+            if let Ok(value) = envelope::decode(&bytes, &envelope::Limits::default()) {
+                floor.merge(&value.context().maxima());
+            }
+            found.push(key);
+        }
+        self.raise_floors(tx, &floors).await?;
+        let deleted = query(&self.sql.delete)
+            .bind(&found)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(before_commit)?;
+        let deleted = deleted
+            .iter()
             .map(|row| row.try_get::<String, _>(0).map_err(before_commit))
+            .collect::<Result<HashSet<String>, Attempt>>()?;
+        Ok(Step::Commit(deleted))
+    }
+
+    /// [`StateBackend::purge`] in one transaction: lock the row, check it holds a tombstone at
+    /// `version`, raise the floor, delete the row and its digest contribution.
+    async fn try_purge(
+        &self,
+        slot: &mut Slot<'_>,
+        key: &Key,
+        version: u64,
+    ) -> Result<bool, Attempt> {
+        let conn = slot.get().await?;
+        let mut tx = conn.begin().await.map_err(before_commit)?;
+        let outcome = self.purge_in(&mut tx, key, version).await;
+        finish(tx, outcome).await
+    }
+
+    async fn purge_in(
+        &self,
+        tx: &mut PgConnection,
+        key: &Key,
+        version: u64,
+    ) -> Result<Step<bool>, Attempt> {
+        let Some(row) = self.lock_row(tx, key).await? else {
+            return Ok(Step::Rollback(false));
+        };
+        if row.version != version {
+            return Ok(Step::Rollback(false));
+        }
+        let value = match envelope::decode(&row.envelope, &envelope::Limits::default()) {
+            Ok(value) if value.is_bottom() => value,
+            _ => return Ok(Step::Rollback(false)),
+        };
+        let floors = BTreeMap::from([(self.layout.partition_of(key), value.context().maxima())]);
+        self.raise_floors(tx, &floors).await?;
+        let deleted = query(&self.sql.delete)
+            .bind(vec![key.as_str().to_string()])
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(before_commit)?;
+        Ok(Step::Commit(!deleted.is_empty()))
+    }
+
+    async fn try_tombstones(
+        &self,
+        slot: &mut Slot<'_>,
+        partition: u16,
+        after: Option<&Key>,
+        fetch: i64,
+    ) -> Result<Vec<Tombstone>, Attempt> {
+        let conn = slot.get().await?;
+        let statement = match after {
+            None => query(&self.sql.tombstones_first),
+            Some(_) => query(&self.sql.tombstones_after),
+        };
+        let mut statement = statement.bind(i32::from(partition)).bind(fetch);
+        if let Some(after) = after {
+            statement = statement.bind(after.as_str());
+        }
+        let rows = statement.fetch_all(conn).await.map_err(before_commit)?;
+        rows.iter()
+            .map(|row| {
+                let key: String = row.try_get(0).map_err(before_commit)?;
+                let version: i64 = row.try_get(1).map_err(before_commit)?;
+                let hash: i64 = row.try_get(2).map_err(before_commit)?;
+                Ok(Tombstone {
+                    key: stored_key(key)?,
+                    version: unsigned(version),
+                    hash: hash as u64,
+                })
+            })
             .collect()
     }
 
-    /// [`StateBackend::delete_many`]: in statements of at most [`DELETE_BATCH_MAX`] distinct
+    async fn try_dot_floor(
+        &self,
+        slot: &mut Slot<'_>,
+        partition: u16,
+    ) -> Result<VersionVector, Attempt> {
+        let conn = slot.get().await?;
+        let rows = query(&self.sql.dot_floor)
+            .bind(i32::from(partition))
+            .fetch_all(conn)
+            .await
+            .map_err(before_commit)?;
+        let mut floor = VersionVector::new();
+        for row in &rows {
+            let actor: i64 = row.try_get(0).map_err(before_commit)?;
+            let counter: String = row.try_get(1).map_err(before_commit)?;
+            floor.observe(ActorId::new(actor as u64), floor_counter(&counter)?);
+        }
+        Ok(floor)
+    }
+
+    /// [`StateBackend::delete_many`]: in transactions of at most [`DELETE_BATCH_MAX`] distinct
     /// keys. A key listed twice is deleted by its first mention (`true` if it existed) and
     /// absent at the next (`false`), as if deleted one by one.
     async fn delete_keys(&self, keys: &[Key]) -> Result<Vec<bool>, BackendError> {
@@ -1362,6 +1630,39 @@ impl StateBackend for PostgresBackend {
         self.shared.delete_keys(keys).await
     }
 
+    async fn tombstones(
+        &self,
+        partition: u16,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<TombstonePage, BackendError> {
+        let limit = page_limit(limit)?;
+        self.shared.layout.check_partition(partition)?;
+        let sh = &*self.shared;
+        let fetch = limit as i64 + 1;
+        let mut items = on_primary!(sh, "tombstones", slot =>
+            sh.try_tombstones(&mut slot, partition, after, fetch))?;
+        let more = items.len() > limit;
+        items.truncate(limit);
+        let next = if more {
+            items.last().map(|t| t.key.clone())
+        } else {
+            None
+        };
+        Ok(TombstonePage { items, next })
+    }
+
+    async fn purge(&self, key: &Key, version: u64) -> Result<bool, BackendError> {
+        let sh = &*self.shared;
+        on_primary!(sh, "purge", slot => sh.try_purge(&mut slot, key, version))
+    }
+
+    async fn dot_floor(&self, partition: u16) -> Result<VersionVector, BackendError> {
+        self.shared.layout.check_partition(partition)?;
+        let sh = &*self.shared;
+        on_primary!(sh, "dot_floor", slot => sh.try_dot_floor(&mut slot, partition))
+    }
+
     async fn scan(
         &self,
         prefix: &str,
@@ -1518,17 +1819,18 @@ impl Shared {
         bytes: &[u8],
     ) -> Result<Step<()>, Attempt> {
         let locked = self.lock_row(tx, key).await?;
-        let value_hash = match envelope::decode(bytes, &envelope::Limits::default()) {
-            Ok(value) => crate::digest::value_hash(&value)?,
-            Err(_) => crate::digest::raw_hash(bytes),
+        let (value_hash, tombstone) = match envelope::decode(bytes, &envelope::Limits::default()) {
+            Ok(value) => (crate::digest::value_hash(&value)?, value.is_bottom()),
+            Err(_) => (crate::digest::raw_hash(bytes), false),
         };
         let prepared = Prepared {
             envelope: bytes.to_vec(),
             value_hash,
             entry_hash: entry_hash(key, value_hash),
+            tombstone,
         };
         let old = locked.map(|row| row.entry_hash);
-        self.store(tx, key, old, prepared, None).await?;
+        self.store(tx, key, old, prepared, None, None).await?;
         Ok(Step::Commit(()))
     }
 

@@ -18,7 +18,14 @@ use sqlx::AssertSqlSafe;
 /// Parameters: `$1` partition, `$2` key, `$3` bucket, `$4` envelope, `$5` value hash,
 /// `$6` entry hash, `$7` 1 if fed else 0, `$8` feed entries kept, `$9` delta envelope (NULL
 /// when not fed), `$10` origin actor, `$11` HLC milliseconds, `$12` HLC logical, `$13` XOR to
-/// apply to the bucket fingerprint.
+/// apply to the bucket fingerprint, `$14` the partition's `floor_epoch` as read with the dot
+/// floor (a local write to an absent key; NULL otherwise), `$15` whether the new value is a
+/// tombstone.
+///
+/// With `$14`, the partition row is updated only if its `floor_epoch` is unchanged: under
+/// `READ COMMITTED` the `UPDATE` re-checks the condition on the newest row version after
+/// waiting for its lock, so a purge or delete that committed since the floor was read leaves
+/// `p` empty, and then nothing at all is written (every other part reads from `p`).
 const WRITE_HEAD: &str = r#"
 WITH p AS (
     UPDATE {s}.gs_partitions
@@ -26,7 +33,7 @@ WITH p AS (
            last_seq = last_seq + $7,
            prev_trimmed = trimmed_through,
            trimmed_through = GREATEST(trimmed_through, last_seq + $7 - $8)
-     WHERE partition = $1
+     WHERE partition = $1 AND ($14::bigint IS NULL OR floor_epoch = $14::bigint)
  RETURNING version_clock, last_seq, prev_trimmed, trimmed_through
 ), "#;
 
@@ -38,19 +45,21 @@ f AS (
     DELETE FROM {s}.gs_feed AS e USING p
      WHERE e.partition = $1 AND e.seq > p.prev_trimmed AND e.seq <= p.trimmed_through
 ), d AS (
-    INSERT INTO {s}.gs_digests AS g (partition, bucket, fingerprint) VALUES ($1, $3, $13)
+    INSERT INTO {s}.gs_digests AS g (partition, bucket, fingerprint) SELECT $1, $3, $13 FROM p
     ON CONFLICT (partition, bucket) DO UPDATE SET fingerprint = g.fingerprint # EXCLUDED.fingerprint
 )
 SELECT version_clock, last_seq FROM p"#;
 
 const INSERT_VALUE: &str = r#"v AS (
-    INSERT INTO {s}.gs_values (key, partition, bucket, envelope, version, value_hash, entry_hash)
-    SELECT $2, $1, $3, $4, p.version_clock, $5, $6 FROM p
+    INSERT INTO {s}.gs_values
+           (key, partition, bucket, envelope, version, value_hash, entry_hash, tombstone)
+    SELECT $2, $1, $3, $4, p.version_clock, $5, $6, $15 FROM p
 )"#;
 
 const UPDATE_VALUE: &str = r#"v AS (
     UPDATE {s}.gs_values AS x
-       SET envelope = $4, version = p.version_clock, value_hash = $5, entry_hash = $6
+       SET envelope = $4, version = p.version_clock, value_hash = $5, entry_hash = $6,
+           tombstone = $15
       FROM p
      WHERE x.key = $2
 )"#;
@@ -59,6 +68,7 @@ const UPDATE_VALUE: &str = r#"v AS (
 #[derive(Debug)]
 pub(crate) struct Sql {
     pub lock_value: Arc<str>,
+    pub lock_value_for_write: Arc<str>,
     pub write_new: Arc<str>,
     pub write_existing: Arc<str>,
     pub get: Arc<str>,
@@ -68,6 +78,12 @@ pub(crate) struct Sql {
     pub scan_ge_lt: Arc<str>,
     pub scan_gt_lt: Arc<str>,
     pub delete: Arc<str>,
+    pub lock_values: Arc<str>,
+    pub absent_floor: Arc<str>,
+    pub raise_floors: Arc<str>,
+    pub tombstones_first: Arc<str>,
+    pub tombstones_after: Arc<str>,
+    pub dot_floor: Arc<str>,
     pub read_feed: Arc<str>,
     pub trim_feed: Arc<str>,
     pub digest: Arc<str>,
@@ -99,6 +115,13 @@ impl Sql {
             lock_value: s(
                 "SELECT envelope, version, entry_hash FROM {s}.gs_values WHERE key = $1 FOR UPDATE",
             ),
+            // `lock_value` for a local write to key $1 of partition $2 by actor $3: also the
+            // writer's dot floor (NULL: none), in the same statement.
+            lock_value_for_write: s(r#"
+SELECT v.envelope, v.version, v.entry_hash,
+       (SELECT f.counter::text FROM {s}.gs_dot_floors AS f
+         WHERE f.partition = $2 AND f.actor = $3)
+  FROM {s}.gs_values AS v WHERE v.key = $1 FOR UPDATE OF v"#),
             write_new: s(&format!("{WRITE_HEAD}{INSERT_VALUE}{WRITE_TAIL}")),
             write_existing: s(&format!("{WRITE_HEAD}{UPDATE_VALUE}{WRITE_TAIL}")),
             get: s("SELECT envelope, version FROM {s}.gs_values WHERE key = $1"),
@@ -109,9 +132,10 @@ impl Sql {
             scan_ge_lt: scan("key >= $1 AND key < $2"),
             scan_gt_lt: scan("key > $1 AND key < $2"),
             // Deletes the keys of the array $1 and XORs their entry hashes out of their
-            // buckets. Key rows are locked in index (key) order; concurrent batches may still
-            // meet on digest rows in different orders, a deadlock PostgreSQL breaks and the
-            // store retries.
+            // buckets. Runs in a purge's or delete's transaction after `lock_values` or
+            // `lock_value` locked the rows and `raise_floors` their partitions' rows (in
+            // partition order), so two removals that share a digest row are serialised on its
+            // partition's row before they reach it.
             delete: s(r#"
 WITH d AS (
     DELETE FROM {s}.gs_values WHERE key = ANY($1) RETURNING key, partition, bucket, entry_hash
@@ -122,6 +146,43 @@ WITH d AS (
       FROM x WHERE g.partition = x.partition AND g.bucket = x.bucket
 )
 SELECT key FROM d"#),
+            // The rows a physical delete removes, locked in key order, with what the dot
+            // floor needs.
+            lock_values: s(
+                "SELECT key, partition, envelope FROM {s}.gs_values WHERE key = ANY($1) \
+                 ORDER BY key FOR UPDATE",
+            ),
+            // What a local write to an absent key of partition $1 by actor $2 starts from, in
+            // one snapshot: the partition's floor epoch and the actor's floor (NULL: none).
+            absent_floor: s(r#"
+SELECT p.floor_epoch,
+       (SELECT f.counter::text FROM {s}.gs_dot_floors AS f
+         WHERE f.partition = $1 AND f.actor = $2)
+  FROM {s}.gs_partitions AS p
+ WHERE p.partition = $1"#),
+            // Bumps the floor epochs of the partitions $1 (locking their rows in partition
+            // order) and raises their dot floors to at least ($2 partition, $3 actor,
+            // $4 counter as decimal text) rows, which name each (partition, actor) once.
+            raise_floors: s(r#"
+WITH p AS (
+    UPDATE {s}.gs_partitions SET floor_epoch = floor_epoch + 1
+     WHERE partition IN (
+           SELECT partition FROM {s}.gs_partitions WHERE partition = ANY($1)
+            ORDER BY partition FOR UPDATE)
+ RETURNING partition
+)
+INSERT INTO {s}.gs_dot_floors AS f (partition, actor, counter)
+SELECT u.partition, u.actor, u.counter::numeric
+  FROM unnest($2::integer[], $3::bigint[], $4::text[]) AS u(partition, actor, counter)
+ WHERE u.partition IN (SELECT partition FROM p)
+ ORDER BY u.partition, u.actor
+ON CONFLICT (partition, actor) DO UPDATE SET counter = GREATEST(f.counter, EXCLUDED.counter)"#),
+            // $1 partition, $2 limit, $3 the key to list after.
+            tombstones_first: s("SELECT key, version, value_hash FROM {s}.gs_values \
+                 WHERE partition = $1 AND tombstone ORDER BY key LIMIT $2"),
+            tombstones_after: s("SELECT key, version, value_hash FROM {s}.gs_values \
+                 WHERE partition = $1 AND tombstone AND key > $3 ORDER BY key LIMIT $2"),
+            dot_floor: s("SELECT actor, counter::text FROM {s}.gs_dot_floors WHERE partition = $1"),
             // One statement, so the bounds and the entries come from one snapshot.
             read_feed: s(r#"
 SELECT p.last_seq, p.trimmed_through, e.seq, e.key, e.delta, e.origin, e.hlc_ms, e.hlc_logical

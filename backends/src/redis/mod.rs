@@ -18,6 +18,8 @@
 //! | `{gs:p17}:n` | hash | `v`: the partition's version clock; `s`: its last feed sequence number |
 //! | `{gs:p17}:f` | stream | the change feed: entry `<seq>-0` with fields `k` key, `d` delta envelope, `a` origin actor, `p`/`l` HLC |
 //! | `{gs:p17}:c` | hash | origin region -> replication cursor |
+//! | `{gs:p17}:t` | sorted set | the partition's tombstones (keys whose value holds no live dot), scored 0 like the key index |
+//! | `{gs:p17}:fl` | hash | the dot floor: actor id -> highest counter of that actor in any value removed from the partition (decimal) |
 //! | `{gs:x}:cn`, `{gs:x}:cf` | string, stream | the conflict feed's counter and records (newest 100,000 kept) |
 //! | `{gs:x}:layout` | string | `"<partitions> <buckets>"`: a store with another layout refuses to connect |
 //!
@@ -28,15 +30,19 @@
 //!
 //! Redis cannot run the CRDT code, so [`apply`](StateBackend::apply) is optimistic:
 //!
-//! 1. one read-only script returns the value's bytes and meta (version, hashes) atomically;
+//! 1. one read-only script returns the value's bytes and meta (version, hashes) atomically,
+//!    and the writer's entry of the partition's dot floor (`{..}:fl`);
 //! 2. the client decodes them (undecodable bytes: [`BackendError::Corrupt`], nothing written),
 //!    checks the [`Expect`](crate::Expect) condition, computes the operation's delta from that
-//!    state, the new value, its size (limit: [`Layout::value_bytes_max`]) and its hashes;
+//!    state with [`local_delta`] and the floor read, the new value, its size (limit:
+//!    [`Layout::value_bytes_max`]) and its hashes;
 //! 3. one write script checks that the key still holds exactly what was read (the same meta,
-//!    hence version, and the same envelope length and checksum), then bumps the partition's
-//!    version clock, writes the envelope and meta, moves the key's entry in the digest bucket,
-//!    indexes the key, appends the feed entry with the partition's next sequence number,
-//!    trims the feed to [`Layout::feed_entries_max`] and returns version and seq;
+//!    hence version, and the same envelope length and checksum; for an absent key, also the
+//!    same floor entry of the writer), then bumps the partition's version clock, writes the
+//!    envelope and meta, moves the key's entry in the digest bucket, indexes the key (and adds
+//!    it to or drops it from the tombstone index, as the client says), appends the feed entry
+//!    with the partition's next sequence number, trims the feed to
+//!    [`Layout::feed_entries_max`] and returns version and seq;
 //!    The commit carries a random token that the meta records, so a commit that a driver
 //!    resends after losing its reply (the cluster client does) is recognised and answered
 //!    with its first outcome instead of being taken for a lost race and computed again;
@@ -52,6 +58,36 @@
 //! then its commits, grouped by partition (one pipeline per partition on a cluster). Items on
 //! one key run in batch order; items of different keys that lose a race to another writer are
 //! committed after the batch's later items.
+//!
+//! # Tombstones, purges and the dot floor
+//!
+//! The client knows whether a value it commits holds no live dot, so the write script keeps
+//! the tombstone index `{..}:t` up to date in the same step (a write that neither reads nor
+//! writes a tombstone does not touch it). [`tombstones`](StateBackend::tombstones) walks that
+//! index by `ZRANGEBYLEX` and reads each key back (one pipelined read per page), listing it
+//! only if it holds a tombstone at that moment, with the version and value hash of its meta.
+//!
+//! [`purge`](StateBackend::purge) and [`delete`](StateBackend::delete) must raise the floor by
+//! the removed value's context, which only the client can decode. Both read the key (step 1
+//! above), decode it, compute the context's maxima, and run one remove script that checks the
+//! key still holds exactly what was read, then removes value, meta, index entries and digest
+//! contribution and raises the floor entries (compared as decimal strings). A purge whose key
+//! changed in between returns `false` (its version changed); a delete starts again, like a
+//! write. A value that does not decode is deleted without raising the floor (its dots are
+//! unknown) and is never purged.
+//!
+//! Why a write to an absent key cannot mint a purged dot: its commit checks that the key is
+//! still absent **and** that the writer's floor entry is the one its delta was computed from.
+//! Every removal that could hold dots of the writer raises that entry in the same script that
+//! removes the value, so if the key was created and purged (or deleted) between the write's
+//! read and its commit, by any process, the entry differs and the write starts again from a
+//! fresh read. (A purge of another key of the partition may also fail the check: a harmless
+//! extra attempt.) A write to a key that holds a value is checked by its meta alone: a purge of
+//! that key changes it, and a purge of another key changes nothing the write depends on. The
+//! hot path gains one `HGET` inside the read script, no round trip.
+//!
+//! Tombstones written before the index existed are not listed until they are written again
+//! (they are merely kept, which is safe).
 //!
 //! # Failures and retries
 //!
@@ -125,7 +161,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use geostate_crdt::{envelope, ActorId, Crdt, Hlc, TypeTag};
+use geostate_crdt::{envelope, ActorId, Crdt, Hlc, TypeTag, VersionVector};
 use redis::Value;
 
 pub use breaker::BreakerState;
@@ -138,11 +174,11 @@ pub use stats::{RedisStats, StatsHandle};
 use conn::{Conn, Failure, Group, Lua, Req, Safety};
 use names::Names;
 
-use crate::backend::{check_origin, page_limit};
-use crate::digest::entry_hash;
+use crate::backend::{check_origin, local_delta, page_limit};
+use crate::digest::{entry_hash, value_hash};
 use crate::{
     fnv1a64, BackendError, FeedEntry, FeedPage, Key, Layout, LocalWrite, PartitionDigest, Receipt,
-    ScanItem, ScanPage, StateBackend, Stored,
+    ScanItem, ScanPage, StateBackend, Stored, Tombstone, TombstonePage,
 };
 
 /// Conflict records kept; older ones are dropped first.
@@ -165,7 +201,7 @@ struct Scripts {
     write: Arc<Lua>,
     #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     raw_put: Arc<Lua>,
-    delete: Arc<Lua>,
+    remove: Arc<Lua>,
     read_feed: Arc<Lua>,
     advance_cursor: Arc<Lua>,
     append_conflict: Arc<Lua>,
@@ -196,7 +232,7 @@ impl Scripts {
             read: lua("read", read_script!("lua/read.lua")),
             write: lua("write", write_script!("lua/write.lua")),
             raw_put: lua("raw_put", write_script!("lua/raw_put.lua")),
-            delete: lua("delete", write_script!("lua/delete.lua")),
+            remove: lua("remove", write_script!("lua/remove.lua")),
             read_feed: lua("read_feed", read_script!("lua/read_feed.lua")),
             advance_cursor: lua("advance_cursor", write_script!("lua/advance_cursor.lua")),
             append_conflict: lua("append_conflict", write_script!("lua/append_conflict.lua")),
@@ -244,6 +280,18 @@ struct Snapshot {
     /// The meta string exactly as stored (the commit checks it is unchanged).
     meta_raw: Option<Vec<u8>>,
     meta: Option<Meta>,
+    /// For a local write's read of a key that holds no value: the writer's entry of the
+    /// partition's dot floor (the commit checks it is unchanged).
+    floor: Option<FloorSeen>,
+}
+
+/// A writer's entry of a partition's dot floor, as read.
+#[derive(Clone, Debug, Default)]
+struct FloorSeen {
+    /// The entry exactly as stored (empty: none).
+    raw: Vec<u8>,
+    /// Its value (0: none).
+    counter: u64,
 }
 
 #[derive(Debug)]
@@ -276,8 +324,10 @@ impl Snapshot {
         }
     }
 
-    /// The arguments by which the write script recognises this snapshot: the meta, the value's
-    /// length (-1: none) and its last four bytes (the envelope's checksum).
+    /// The arguments by which the write and remove scripts recognise this snapshot: the meta,
+    /// the value's length (-1: none, -2: a value of another Redis type) and its last four
+    /// bytes (the envelope's checksum). The write script never sees -2: a foreign value is
+    /// reported corrupt before anything is committed.
     fn guard(&self) -> [Vec<u8>; 3] {
         let meta = self.meta_raw.clone().unwrap_or_default();
         match &self.content {
@@ -285,8 +335,8 @@ impl Snapshot {
                 let tail = bytes[bytes.len().saturating_sub(4)..].to_vec();
                 [meta, bytes.len().to_string().into_bytes(), tail]
             }
-            // A foreign value never gets here (it is reported corrupt); absent is -1.
-            Content::Absent | Content::Foreign => [meta, b"-1".to_vec(), Vec::new()],
+            Content::Absent => [meta, b"-1".to_vec(), Vec::new()],
+            Content::Foreign => [meta, b"-2".to_vec(), Vec::new()],
         }
     }
 }
@@ -314,6 +364,11 @@ struct Commit {
     feed: Option<Vec<u8>>,
     actor: ActorId,
     hlc: Hlc,
+    /// Whether the value read was a tombstone, and whether the new value is one.
+    tombstone: (bool, bool),
+    /// For a local write to an absent key: the writer and its dot floor entry as read (the
+    /// commit checks it is unchanged, so no purge raised it in between).
+    floor: Option<(ActorId, Vec<u8>)>,
 }
 
 enum Plan {
@@ -407,6 +462,11 @@ fn parse_meta(raw: &[u8]) -> Option<Meta> {
     })
 }
 
+/// A counter stored as a decimal string.
+fn parse_decimal(raw: &[u8]) -> Option<u64> {
+    std::str::from_utf8(raw).ok()?.parse().ok()
+}
+
 fn hashes_hex(key: &Key, value_hash: u64) -> String {
     format!("{value_hash:016x}{:016x}", entry_hash(key, value_hash))
 }
@@ -455,6 +515,12 @@ fn plan(layout: &Layout, item: &Item, snapshot: &Snapshot) -> Result<Plan, Backe
             let partition = layout.partition_of(key);
             let current = snapshot.value(key)?;
             write.expect.check(key, current.as_ref().map(|(_, v)| *v))?;
+            let absent = current.is_none();
+            // The writer's floor entry as read. For an absent key the commit checks it is
+            // unchanged (a purge between read and commit raises it); a present key's commit
+            // checks the key's version, which a purge changes. (A snapshot read without it
+            // commits against '', which fails if the floor has an entry.)
+            let seen = snapshot.floor.clone().unwrap_or_default();
             let (state, version) = match (current, write.op.type_tag()) {
                 (Some((value, version)), _) => (value, version),
                 (None, Some(tag)) => (Crdt::empty(tag), 0),
@@ -468,7 +534,7 @@ fn plan(layout: &Layout, item: &Item, snapshot: &Snapshot) -> Result<Plan, Backe
                     }))
                 }
             };
-            let delta = state.apply(write.actor, write.hlc, &write.op)?;
+            let delta = local_delta(&state, write, seen.counter)?;
             if delta.context().is_empty() {
                 return Ok(Plan::Done(Receipt {
                     partition,
@@ -477,6 +543,7 @@ fn plan(layout: &Layout, item: &Item, snapshot: &Snapshot) -> Result<Plan, Backe
                     delta,
                 }));
             }
+            let was_tombstone = !absent && state.is_bottom();
             let delta_len = envelope::payload_len(&delta)?;
             if delta_len > limit {
                 return Err(BackendError::ValueTooLarge {
@@ -496,6 +563,8 @@ fn plan(layout: &Layout, item: &Item, snapshot: &Snapshot) -> Result<Plan, Backe
                 feed: Some(fed),
                 actor: write.actor,
                 hlc: write.hlc,
+                tombstone: (was_tombstone, value.is_bottom()),
+                floor: absent.then_some((write.actor, seen.raw)),
             }))
         }
         Item::Merge(key, delta) => {
@@ -510,9 +579,12 @@ fn plan(layout: &Layout, item: &Item, snapshot: &Snapshot) -> Result<Plan, Backe
             }
             // Into an absent key, join with the empty value rather than storing the delta as
             // is: a removal delta's empty entries are not elements.
-            let mut value = match current {
-                Some((value, _)) => value,
-                None => Crdt::empty(delta.type_tag()),
+            let (mut value, was_tombstone) = match current {
+                Some((value, _)) => {
+                    let bottom = value.is_bottom();
+                    (value, bottom)
+                }
+                None => (Crdt::empty(delta.type_tag()), false),
             };
             value.merge(delta)?;
             let (bytes, hash) = encode_value(key, &value, limit)?;
@@ -523,6 +595,9 @@ fn plan(layout: &Layout, item: &Item, snapshot: &Snapshot) -> Result<Plan, Backe
                 feed: None,
                 actor: ActorId::new(0),
                 hlc: Hlc::ZERO,
+                tombstone: (was_tombstone, value.is_bottom()),
+                // A merge mints no dot: the floor does not matter to it.
+                floor: None,
             }))
         }
     }
@@ -532,6 +607,42 @@ fn plan(layout: &Layout, item: &Item, snapshot: &Snapshot) -> Result<Plan, Backe
 enum Committed {
     Written { version: u64, seq: u64 },
     Race,
+}
+
+/// What a physical removal asks of the key it removes.
+#[derive(Clone, Copy, Debug)]
+enum Removal {
+    /// [`StateBackend::delete`]: whatever the key holds.
+    Delete,
+    /// [`StateBackend::purge`]: only a tombstone at exactly this version.
+    Purge(u64),
+}
+
+/// A removal decided from a snapshot.
+enum RemovalPlan {
+    /// Nothing to remove: the outcome is final.
+    Done(bool),
+    /// Run the remove script, raising the dot floor by this.
+    Run(VersionVector),
+}
+
+/// Decides a removal from a snapshot of the key.
+fn plan_removal(key: &Key, snapshot: &Snapshot, how: Removal) -> RemovalPlan {
+    let value = snapshot.value(key);
+    match how {
+        // A value that does not decode (or is not ours) is removed all the same: its dots are
+        // unknown, so it raises no floor (as in every store).
+        Removal::Delete => RemovalPlan::Run(match value {
+            Ok(Some((value, _))) => value.context().maxima(),
+            _ => VersionVector::new(),
+        }),
+        Removal::Purge(version) => match value {
+            Ok(Some((value, at))) if at == version && value.is_bottom() => {
+                RemovalPlan::Run(value.context().maxima())
+            }
+            _ => RemovalPlan::Done(false),
+        },
+    }
 }
 
 impl RedisBackend {
@@ -632,9 +743,14 @@ impl RedisBackend {
     }
 
     /// Deletes every Redis key of this store's namespace that the store knows of (the values
-    /// in its key indexes, the metas, digests, counters, feeds, cursors, the conflict feed and
-    /// the layout record); returns how many. Keys written under the prefix by other clients
-    /// and never indexed are left alone. Not atomic: concurrent writers may leave keys behind.
+    /// in its key indexes, the metas, digests, counters, feeds, cursors, tombstone indexes, dot
+    /// floors, the conflict feed and the layout record); returns how many. Keys written under
+    /// the prefix by other clients and never indexed are left alone. Not atomic: concurrent
+    /// writers may leave keys behind.
+    ///
+    /// Not to be confused with [`StateBackend::purge`], the garbage collection of one
+    /// tombstone, which this inherent method shadows in method-call syntax: call that one as
+    /// `StateBackend::purge(&store, &key, version)`.
     pub async fn purge(&self) -> Result<u64, BackendError> {
         let mut deleted = 0u64;
         let mut dirty: Vec<u16> = (0..self.layout.partitions()).collect();
@@ -649,6 +765,8 @@ impl RedisBackend {
                         self.names.counters(p),
                         self.names.feed(p),
                         self.names.cursors(p),
+                        self.names.tombstones(p),
+                        self.names.floor(p),
                     ]);
                     let args = vec![
                         PURGE_BATCH.to_string().into_bytes(),
@@ -753,17 +871,28 @@ impl RedisBackend {
 
     /// Reads the snapshots of `keys`, pipelined.
     async fn snapshots(&self, keys: &[&Key]) -> Vec<Result<Snapshot, BackendError>> {
-        let reqs = keys
+        let reads: Vec<(&Key, Option<ActorId>)> = keys.iter().map(|k| (*k, None)).collect();
+        self.snapshots_for(&reads).await
+    }
+
+    /// Reads the snapshots of keys, pipelined; with a writer's actor, a snapshot also carries
+    /// the writer's entry of the partition's dot floor, read in the same atomic step.
+    async fn snapshots_for(
+        &self,
+        reads: &[(&Key, Option<ActorId>)],
+    ) -> Vec<Result<Snapshot, BackendError>> {
+        let reqs = reads
             .iter()
-            .map(|key| {
+            .map(|(key, writer)| {
                 let p = self.layout.partition_of(key);
                 let b = self.layout.bucket_of(key);
-                let req = Req::script(
-                    &self.scripts.read,
-                    vec![self.names.value(p, key), self.names.meta(p, b)],
-                    vec![key.as_str().as_bytes().to_vec()],
-                );
-                (u32::from(p), req)
+                let mut keys = vec![self.names.value(p, key), self.names.meta(p, b)];
+                let mut args = vec![key.as_str().as_bytes().to_vec()];
+                if let Some(actor) = writer {
+                    keys.push(self.names.floor(p));
+                    args.push(actor.get().to_string().into_bytes());
+                }
+                (u32::from(p), Req::script(&self.scripts.read, keys, args))
             })
             .collect();
         self.run_each(reqs, false, Safety::Idempotent)
@@ -777,8 +906,10 @@ impl RedisBackend {
                 let Value::Array(parts) = &reply else {
                     return Err(unexpected("read", &reply));
                 };
-                let [kind, bytes, meta] = parts.as_slice() else {
-                    return Err(unexpected("read", &reply));
+                let (kind, bytes, meta, floor) = match parts.as_slice() {
+                    [kind, bytes, meta] => (kind, bytes, meta, None),
+                    [kind, bytes, meta, floor] => (kind, bytes, meta, Some(floor)),
+                    _ => return Err(unexpected("read", &reply)),
                 };
                 let content = match (int_of(kind), bytes) {
                     (Some(0), _) => Content::Absent,
@@ -788,10 +919,19 @@ impl RedisBackend {
                 };
                 let meta_raw = bytes_of(meta).map(<[u8]>::to_vec);
                 let meta = meta_raw.as_deref().and_then(parse_meta);
+                let floor = match floor.map(bytes_of) {
+                    None => None,
+                    Some(None) => Some(FloorSeen::default()),
+                    Some(Some(raw)) => Some(FloorSeen {
+                        raw: raw.to_vec(),
+                        counter: parse_decimal(raw).ok_or_else(|| unexpected("read", &reply))?,
+                    }),
+                };
                 Ok(Snapshot {
                     content,
                     meta_raw,
                     meta,
+                    floor,
                 })
             })
             .collect()
@@ -871,8 +1011,14 @@ impl RedisBackend {
         let mut attempt: u32 = 0;
         while !pending.is_empty() {
             attempt += 1;
-            let keys: Vec<&Key> = pending.iter().map(|&i| items[i].key()).collect();
-            let snapshots = self.snapshots(&keys).await;
+            let reads: Vec<(&Key, Option<ActorId>)> = pending
+                .iter()
+                .map(|&i| match &items[i] {
+                    Item::Apply(w) => (&w.key, Some(w.actor)),
+                    Item::Merge(k, _) => (k, None),
+                })
+                .collect();
+            let snapshots = self.snapshots_for(&reads).await;
             let mut commits: Vec<(usize, Commit, Snapshot)> = Vec::new();
             for (&i, snapshot) in pending.iter().zip(snapshots) {
                 let planned = snapshot.and_then(|s| Ok((plan(&self.layout, &items[i], &s)?, s)));
@@ -940,6 +1086,119 @@ impl RedisBackend {
         }
     }
 
+    /// Physically removes `keys` as `how` says, each atomically with its dot floor raise; in
+    /// waves of distinct keys (a key listed twice is removed by its first mention).
+    async fn remove_keys(&self, keys: &[Key], how: Removal) -> Result<Vec<bool>, BackendError> {
+        let mut out = vec![false; keys.len()];
+        let mut start = 0;
+        while start < keys.len() {
+            let mut seen: HashSet<&Key> = HashSet::new();
+            let mut end = start;
+            while end < keys.len() && end - start < WAVE_ITEMS_MAX && seen.insert(&keys[end]) {
+                end += 1;
+            }
+            self.remove_wave(&keys[start..end], how, &mut out[start..end])
+                .await?;
+            start = end;
+        }
+        Ok(out)
+    }
+
+    /// One wave of [`remove_keys`](Self::remove_keys): read the keys, decode their values for
+    /// the floor raise, and remove each only if it still holds what was read. A delete that
+    /// loses a race to a writer starts again (bounded like writes); a purge that does has
+    /// nothing left to do (the key changed, so its version did).
+    async fn remove_wave(
+        &self,
+        keys: &[Key],
+        how: Removal,
+        out: &mut [bool],
+    ) -> Result<(), BackendError> {
+        let refs: Vec<&Key> = keys.iter().collect();
+        let _guards = self.lock_keys(&refs).await;
+        let mut pending: Vec<usize> = (0..keys.len()).collect();
+        let mut attempt: u32 = 0;
+        while !pending.is_empty() {
+            attempt += 1;
+            let reading: Vec<&Key> = pending.iter().map(|&i| &keys[i]).collect();
+            let snapshots = self.snapshots(&reading).await;
+            let mut runs = Vec::new();
+            let mut reqs = Vec::new();
+            for (&i, snapshot) in pending.iter().zip(snapshots) {
+                let snapshot = snapshot?;
+                match plan_removal(&keys[i], &snapshot, how) {
+                    RemovalPlan::Done(outcome) => out[i] = outcome,
+                    RemovalPlan::Run(raise) => {
+                        reqs.push(self.remove_req(&keys[i], &snapshot, &raise));
+                        runs.push(i);
+                    }
+                }
+            }
+            let replies = self.run_each(reqs, true, Safety::Idempotent).await;
+            let mut raced = Vec::new();
+            for (i, reply) in runs.into_iter().zip(replies) {
+                let reply = reply?;
+                if let Some(e) = server_error(&reply, "remove", true) {
+                    return Err(e);
+                }
+                match (&reply, how) {
+                    (Value::Int(1), _) => out[i] = true,
+                    (Value::Int(0), _) | (Value::Int(-1), Removal::Purge(_)) => out[i] = false,
+                    (Value::Int(-1), Removal::Delete) => raced.push(i),
+                    _ => return Err(unexpected("remove", &reply)),
+                }
+            }
+            if raced.is_empty() {
+                break;
+            }
+            let counters = &self.conn.counters;
+            counters
+                .races
+                .fetch_add(raced.len() as u64, Ordering::Relaxed);
+            if attempt >= self.contention.attempts_max {
+                counters.gave_up.fetch_add(1, Ordering::Relaxed);
+                return Err(BackendError::Unavailable(format!(
+                    "key {:?} changed under {attempt} delete attempts in a row (write                      contention); gave up without deleting it",
+                    keys[raced[0]].as_str()
+                )));
+            }
+            tokio::time::sleep(self.conn.backoff(
+                attempt,
+                self.contention.backoff_min,
+                self.contention.backoff_max,
+            ))
+            .await;
+            pending = raced;
+        }
+        Ok(())
+    }
+
+    fn remove_req(&self, key: &Key, snapshot: &Snapshot, raise: &VersionVector) -> (u32, Req) {
+        let p = self.layout.partition_of(key);
+        let b = self.layout.bucket_of(key);
+        let [meta, len, tail] = snapshot.guard();
+        let keys = vec![
+            self.names.value(p, key),
+            self.names.meta(p, b),
+            self.names.index(p),
+            self.names.digest(p),
+            self.names.tombstones(p),
+            self.names.floor(p),
+        ];
+        let mut args = vec![
+            key.as_str().as_bytes().to_vec(),
+            b.to_string().into_bytes(),
+            meta,
+            len,
+            tail,
+        ];
+        for (actor, counter) in raise.iter() {
+            args.push(actor.get().to_string().into_bytes());
+            args.push(counter.to_string().into_bytes());
+        }
+        (u32::from(p), Req::script(&self.scripts.remove, keys, args))
+    }
+
     fn commit_req(&self, key: &Key, commit: &Commit, snapshot: &Snapshot) -> (u32, Req) {
         let p = self.layout.partition_of(key);
         let b = self.layout.bucket_of(key);
@@ -951,7 +1210,14 @@ impl RedisBackend {
             self.names.digest(p),
             self.names.counters(p),
             self.names.feed(p),
+            self.names.tombstones(p),
+            self.names.floor(p),
         ];
+        let flag = |b: bool| if b { b'1' } else { b'0' };
+        let (floor_actor, floor_seen) = match &commit.floor {
+            Some((actor, seen)) => (actor.get().to_string().into_bytes(), seen.clone()),
+            None => (Vec::new(), Vec::new()),
+        };
         let args = vec![
             key.as_str().as_bytes().to_vec(),
             meta,
@@ -967,6 +1233,9 @@ impl RedisBackend {
             commit.hlc.physical_ms().to_string().into_bytes(),
             commit.hlc.logical().to_string().into_bytes(),
             format!("{:016x}", self.conn.token()).into_bytes(),
+            vec![flag(commit.tombstone.0), flag(commit.tombstone.1)],
+            floor_actor,
+            floor_seen,
         ];
         (u32::from(p), Req::script(&self.scripts.write, keys, args))
     }
@@ -1207,37 +1476,115 @@ impl StateBackend for RedisBackend {
     }
 
     async fn delete_many(&self, keys: &[Key]) -> Result<Vec<bool>, BackendError> {
-        let reqs = keys
-            .iter()
-            .map(|key| {
-                let p = self.layout.partition_of(key);
-                let b = self.layout.bucket_of(key);
-                let req = Req::script(
-                    &self.scripts.delete,
-                    vec![
-                        self.names.value(p, key),
-                        self.names.meta(p, b),
-                        self.names.index(p),
-                        self.names.digest(p),
-                    ],
-                    vec![key.as_str().as_bytes().to_vec(), b.to_string().into_bytes()],
-                );
-                (u32::from(p), req)
-            })
-            .collect();
-        self.run_each(reqs, true, Safety::Idempotent)
-            .await
-            .into_iter()
-            .map(|reply| {
-                let reply = reply?;
-                if let Some(e) = server_error(&reply, "delete", true) {
-                    return Err(e);
+        self.remove_keys(keys, Removal::Delete).await
+    }
+
+    async fn tombstones(
+        &self,
+        partition: u16,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<TombstonePage, BackendError> {
+        let limit = page_limit(limit)?;
+        self.layout.check_partition(partition)?;
+        let mut min = match after {
+            Some(a) => [b"(", a.as_str().as_bytes()].concat(),
+            None => b"-".to_vec(),
+        };
+        // One more than the page, to know whether another page follows.
+        let chunk = limit + 1;
+        let mut items: Vec<Tombstone> = Vec::new();
+        loop {
+            let mut cmd = redis::cmd("ZRANGEBYLEX");
+            cmd.arg(self.names.tombstones(partition))
+                .arg(min.as_slice())
+                .arg("+")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(chunk);
+            let reply = self
+                .run_one(
+                    u32::from(partition),
+                    Req::Cmd(cmd),
+                    false,
+                    Safety::Idempotent,
+                )
+                .await?;
+            let Value::Array(members) = &reply else {
+                return Err(unexpected("tombstones", &reply));
+            };
+            let keys = members
+                .iter()
+                .map(|m| {
+                    bytes_of(m)
+                        .and_then(|b| std::str::from_utf8(b).ok())
+                        .and_then(|text| Key::new(text).ok())
+                        .ok_or_else(|| unexpected("tombstones", m))
+                })
+                .collect::<Result<Vec<Key>, BackendError>>()?;
+            let refs: Vec<&Key> = keys.iter().collect();
+            // The index is only a hint: each key is read back, and listed only if it holds a
+            // tombstone now (a write may have revived it since the index was read).
+            let snapshots = self.snapshots(&refs).await;
+            for (key, snapshot) in keys.iter().zip(snapshots) {
+                let snapshot = snapshot?;
+                let Ok(Some((value, version))) = snapshot.value(key) else {
+                    continue;
+                };
+                if !value.is_bottom() {
+                    continue;
                 }
-                int_of(&reply)
-                    .map(|n| n == 1)
-                    .ok_or_else(|| unexpected("delete", &reply))
-            })
-            .collect()
+                let hash = match snapshot.meta {
+                    Some(meta) => meta.value_hash,
+                    None => value_hash(&value)?,
+                };
+                items.push(Tombstone {
+                    key: key.clone(),
+                    version,
+                    hash,
+                });
+            }
+            if items.len() > limit {
+                items.truncate(limit);
+                let next = items.last().map(|t| t.key.clone());
+                return Ok(TombstonePage { items, next });
+            }
+            match keys.last() {
+                Some(last) if keys.len() == chunk => {
+                    min = [b"(", last.as_str().as_bytes()].concat();
+                }
+                _ => return Ok(TombstonePage { items, next: None }),
+            }
+        }
+    }
+
+    async fn purge(&self, key: &Key, version: u64) -> Result<bool, BackendError> {
+        let removed = self
+            .remove_keys(std::slice::from_ref(key), Removal::Purge(version))
+            .await?;
+        Ok(removed.first().copied().unwrap_or(false))
+    }
+
+    async fn dot_floor(&self, partition: u16) -> Result<VersionVector, BackendError> {
+        self.layout.check_partition(partition)?;
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(self.names.floor(partition));
+        let reply = self
+            .run_one(
+                u32::from(partition),
+                Req::Cmd(cmd),
+                false,
+                Safety::Idempotent,
+            )
+            .await?;
+        let mut floor = VersionVector::new();
+        for (actor, counter) in pairs(&reply).ok_or_else(|| unexpected("dot_floor", &reply))? {
+            match (parse_decimal(actor), parse_decimal(counter)) {
+                (Some(actor), Some(counter)) => floor.observe(ActorId::new(actor), counter),
+                _ => return Err(unexpected("dot_floor", &reply)),
+            }
+        }
+        Ok(floor)
     }
 
     async fn scan(
@@ -1518,9 +1865,9 @@ impl crate::RawAccess for RedisBackend {
     async fn raw_put(&self, key: &Key, bytes: Vec<u8>) -> Result<(), BackendError> {
         let p = self.layout.partition_of(key);
         let b = self.layout.bucket_of(key);
-        let hash = match envelope::decode(&bytes, &envelope::Limits::default()) {
-            Ok(value) => crate::digest::value_hash(&value)?,
-            Err(_) => crate::digest::raw_hash(&bytes),
+        let (hash, tombstone) = match envelope::decode(&bytes, &envelope::Limits::default()) {
+            Ok(value) => (value_hash(&value)?, value.is_bottom()),
+            Err(_) => (crate::digest::raw_hash(&bytes), false),
         };
         let req = Req::script(
             &self.scripts.raw_put,
@@ -1530,12 +1877,14 @@ impl crate::RawAccess for RedisBackend {
                 self.names.index(p),
                 self.names.digest(p),
                 self.names.counters(p),
+                self.names.tombstones(p),
             ],
             vec![
                 key.as_str().as_bytes().to_vec(),
                 bytes,
                 hashes_hex(key, hash).into_bytes(),
                 b.to_string().into_bytes(),
+                if tombstone { b"1" } else { b"0" }.to_vec(),
             ],
         );
         self.run_one(u32::from(p), req, true, Safety::Idempotent)
@@ -1548,6 +1897,7 @@ impl crate::RawAccess for RedisBackend {
             content: Content::Absent,
             meta_raw: None,
             meta: None,
+            floor: None,
         }))?;
         Ok(match snapshot.content {
             Content::Bytes(bytes) => Some(bytes),

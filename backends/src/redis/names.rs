@@ -47,6 +47,18 @@ impl Names {
         self.part(partition, "i")
     }
 
+    /// `{..}:t`: sorted set of the partition's tombstones (keys whose value holds no live dot),
+    /// all scored 0, ordered by bytes.
+    pub(crate) fn tombstones(&self, partition: u16) -> Vec<u8> {
+        self.part(partition, "t")
+    }
+
+    /// `{..}:fl`: the partition's dot floor, a hash of actor id -> highest counter of that
+    /// actor in any value removed from the partition (decimal).
+    pub(crate) fn floor(&self, partition: u16) -> Vec<u8> {
+        self.part(partition, "fl")
+    }
+
     /// `{..}:d`: hash of bucket -> fingerprint (16 hex digits; absent = 0).
     pub(crate) fn digest(&self, partition: u16) -> Vec<u8> {
         self.part(partition, "d")
