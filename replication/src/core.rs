@@ -25,6 +25,8 @@
 //! carries everything its region has merged, this also carries region A's writes to region C
 //! through B while the A–C link is cut.
 
+mod gc;
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use hdrhistogram::Histogram;
@@ -59,6 +61,11 @@ pub struct CoreConfig {
     pub ae_buckets_per_round_max: usize,
     /// Most differing keys exchanged per anti-entropy round.
     pub ae_keys_per_round_max: usize,
+    /// Time to sweep all partitions once for causally stable tombstones to purge (one
+    /// partition per `gc_interval_ms / partitions`); `0` keeps every tombstone.
+    pub gc_interval_ms: u64,
+    /// Most tombstones examined per garbage-collection round.
+    pub gc_keys_per_round_max: usize,
 }
 
 impl Default for CoreConfig {
@@ -75,6 +82,8 @@ impl Default for CoreConfig {
             anti_entropy_interval_ms: 30_000,
             ae_buckets_per_round_max: 64,
             ae_keys_per_round_max: 1_024,
+            gc_interval_ms: 60_000,
+            gc_keys_per_round_max: 256,
         }
     }
 }
@@ -171,6 +180,22 @@ pub enum LocalOp {
         /// `(key, envelope)` pairs.
         states: Vec<(String, Vec<u8>)>,
     },
+    /// List the partition's tombstones and read its feed head (after the listing). Answer:
+    /// [`LocalResult::Tombstones`].
+    Tombstones {
+        /// The partition.
+        partition: u16,
+        /// Resume after this key (the previous listing's `next`).
+        after: Option<String>,
+        /// Most tombstones.
+        limit: usize,
+    },
+    /// Purge causally stable tombstones, each only if still at the version listed. Answer:
+    /// [`LocalResult::Purged`].
+    Purge {
+        /// `(key, version)` pairs.
+        keys: Vec<(String, u64)>,
+    },
 }
 
 /// The outcome of a [`LocalOp`].
@@ -195,6 +220,17 @@ pub enum LocalResult {
         /// `geostate_backends::digest::value_hash`).
         hashes: Vec<(String, u64)>,
     },
+    /// The partition's tombstones and feed head.
+    Tombstones {
+        /// `(key, version, value hash)` in key order.
+        items: Vec<(String, u64, u64)>,
+        /// Where the next listing of the partition resumes; `None` at the end.
+        next: Option<String>,
+        /// The newest sequence number of the local feed of the partition.
+        head: u64,
+    },
+    /// How many tombstones were purged.
+    Purged(usize),
 }
 
 /// Counters of what the replicator did, for reports and metrics.
@@ -216,6 +252,10 @@ pub struct Stats {
     pub ae_keys: u64,
     /// Feed gaps found (a peer trimmed entries this region had not applied).
     pub gaps: u64,
+    /// Tombstones waiting for causal stability, as last counted (a gauge).
+    pub tombstones_pending: u64,
+    /// Tombstones purged once causally stable.
+    pub tombstones_purged: u64,
 }
 
 /// The per-(peer, partition) feed state.
@@ -332,6 +372,20 @@ enum Purpose {
     Stale {
         peer: PeerId,
     },
+    GcList {
+        round: u64,
+    },
+    GcProbe {
+        peer: PeerId,
+        round: u64,
+    },
+    GcPurge {
+        peer: PeerId,
+    },
+    GcPurgeLocal {
+        round: u64,
+        partition: u16,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -348,7 +402,7 @@ struct Pending {
 /// use geostate_replication::wire::{Request, Response};
 ///
 /// let config = CoreConfig { partitions: 2, ..CoreConfig::default() };
-/// let mut core = ReplicatorCore::new(config, 1);
+/// let mut core = ReplicatorCore::new(config, "us-east", &["eu-west".to_string()]);
 /// // Starting asks for the stored cursors...
 /// let commands = core.handle(0, Event::Start);
 /// let Command::Local { id, op: LocalOp::LoadCursors } = commands[0].clone() else { panic!() };
@@ -366,6 +420,11 @@ pub struct ReplicatorCore {
     stats: Stats,
     /// Local physical time of the event being handled.
     now_ms: u64,
+    /// This region's name (peers key their cursors on our feed by it).
+    region: String,
+    /// The peers' names, by index.
+    peer_names: Vec<String>,
+    gc: gc::Gc,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -382,9 +441,12 @@ fn unreachable_histogram() -> Histogram<u64> {
 }
 
 impl ReplicatorCore {
-    /// A replicator pulling from `peer_count` peers (indexes `0..peer_count`).
-    pub fn new(config: CoreConfig, peer_count: usize) -> Self {
-        let peers = (0..peer_count)
+    /// The replicator of region `region`, pulling from `peers` (by name; a peer's index in
+    /// this list is its [`PeerId`]). Tombstones are only purged once every one of them has
+    /// applied them, so `peers` must name every other region.
+    pub fn new(config: CoreConfig, region: &str, peers: &[String]) -> Self {
+        let peer_count = peers.len();
+        let peers_state = (0..peer_count)
             .map(|i| Peer {
                 links: vec![Link::default(); usize::from(config.partitions)],
                 heads_in_flight: false,
@@ -403,13 +465,16 @@ impl ReplicatorCore {
             })
             .collect();
         Self {
+            gc: gc::Gc::new(config.partitions),
             config,
-            peers,
+            peers: peers_state,
             started: false,
             next_id: 1,
             pending: BTreeMap::new(),
             stats: Stats::default(),
             now_ms: 0,
+            region: region.to_string(),
+            peer_names: peers.to_vec(),
         }
     }
 
@@ -513,6 +578,7 @@ impl ReplicatorCore {
                 *deadline = deadline.saturating_sub(by_ms);
             }
         }
+        self.gc.clock_stepped_back(by_ms);
     }
 
     fn issue(&mut self, purpose: Purpose, deadline_ms: Option<u64>) -> CommandId {
@@ -585,7 +651,7 @@ impl ReplicatorCore {
 
     fn peer_of(purpose: &Purpose) -> Option<PeerId> {
         match *purpose {
-            Purpose::Cursors => None,
+            Purpose::Cursors | Purpose::GcList { .. } | Purpose::GcPurgeLocal { .. } => None,
             Purpose::Heads { peer, .. }
             | Purpose::Feed { peer, .. }
             | Purpose::Apply { peer, .. }
@@ -597,7 +663,9 @@ impl ReplicatorCore {
             | Purpose::LocalStates { peer }
             | Purpose::MergePulled { peer }
             | Purpose::Push { peer }
-            | Purpose::Stale { peer } => Some(peer),
+            | Purpose::Stale { peer }
+            | Purpose::GcProbe { peer, .. }
+            | Purpose::GcPurge { peer } => Some(peer),
         }
     }
 
@@ -724,6 +792,18 @@ impl ReplicatorCore {
                 }
                 self.advance_round(peer, out);
             }
+            (Purpose::GcPurge { .. }, Response::Purged { .. }) => {
+                self.stats.ae_bytes += bytes;
+            }
+            (Purpose::GcProbe { round, .. }, response @ Response::Stability { .. }) => {
+                self.stats.ae_bytes += bytes;
+                let round = *round;
+                if !self.gc_probed(peer, round, response, out) {
+                    self.peers[peer].failures_in_a_row = failures_in_a_row;
+                    self.gc_abandon(round);
+                    self.fail(now_ms, peer);
+                }
+            }
             (purpose, _) => {
                 // An answer of the wrong kind: treat as a failure of that request.
                 let purpose = purpose.clone();
@@ -784,7 +864,10 @@ impl ReplicatorCore {
     /// Forgets the work a failed request was part of, so it is retried later.
     fn abandon(&mut self, purpose: Purpose) {
         match purpose {
-            Purpose::Cursors | Purpose::Stale { .. } => {}
+            Purpose::Cursors | Purpose::Stale { .. } | Purpose::GcPurge { .. } => {}
+            Purpose::GcList { round }
+            | Purpose::GcProbe { round, .. }
+            | Purpose::GcPurgeLocal { round, .. } => self.gc_abandon(round),
             Purpose::Heads { peer, .. } => self.peers[peer].heads_in_flight = false,
             Purpose::Feed { peer, partition } => {
                 self.peers[peer].links[usize::from(partition)].fetching = false;
@@ -844,12 +927,8 @@ impl ReplicatorCore {
         let result = match result {
             Ok(r) => r,
             Err(_) => {
-                match Self::peer_of(&purpose) {
-                    Some(peer) => {
-                        self.abandon(purpose);
-                        self.fail(now_ms, peer);
-                    }
-                    None => {
+                match (Self::peer_of(&purpose), &purpose) {
+                    (_, Purpose::Cursors) => {
                         // Cursors could not be loaded: try again.
                         let id = self.issue(Purpose::Cursors, None);
                         out.push(Command::Local {
@@ -857,6 +936,11 @@ impl ReplicatorCore {
                             op: LocalOp::LoadCursors,
                         });
                     }
+                    (Some(peer), _) => {
+                        self.abandon(purpose);
+                        self.fail(now_ms, peer);
+                    }
+                    (None, _) => self.abandon(purpose),
                 }
                 return;
             }
@@ -881,7 +965,17 @@ impl ReplicatorCore {
                         + self.config.anti_entropy_interval_ms
                             / u64::from(self.config.partitions.max(1));
                 }
+                let step = self.gc_step_ms();
+                self.gc.restart(now_ms, step);
                 self.started = true;
+            }
+            (Purpose::GcList { round }, LocalResult::Tombstones { items, next, head }) => {
+                self.gc_listed(round, items, next, head, out);
+                self.stats.tombstones_pending = self.gc.pending();
+            }
+            (Purpose::GcPurgeLocal { round, partition }, LocalResult::Purged(purged)) => {
+                self.gc_purged(round, partition, purged);
+                self.stats.tombstones_pending = self.gc.pending();
             }
             (
                 Purpose::Apply {
@@ -933,12 +1027,13 @@ impl ReplicatorCore {
             (Purpose::MergePulled { peer }, LocalResult::Merged { hashes, .. }) => {
                 self.pulled(peer, &hashes, out);
             }
-            (purpose, _) => {
-                if let Some(peer) = Self::peer_of(&purpose) {
+            (purpose, _) => match Self::peer_of(&purpose) {
+                Some(peer) => {
                     self.abandon(purpose);
                     self.fail(now_ms, peer);
                 }
-            }
+                None => self.abandon(purpose),
+            },
         }
     }
 
@@ -1093,6 +1188,7 @@ impl ReplicatorCore {
 
     /// Starts whatever is due: heads polls, feed fetches, anti-entropy rounds.
     fn schedule(&mut self, now_ms: u64, out: &mut Vec<Command>) {
+        self.gc_schedule(now_ms, out);
         for peer in 0..self.peers.len() {
             if self.peers[peer].retry_at_ms > now_ms {
                 continue;

@@ -119,17 +119,18 @@ pub struct Replicator<B, T> {
 }
 
 impl<B: StateBackend, T: Transport> Replicator<B, T> {
-    /// A replicator for the region whose store is `store`, pulling from `peers` (region names,
-    /// as `transport` knows them and as cursors are keyed).
+    /// The replicator of region `region`, whose store is `store`, pulling from `peers` (region
+    /// names, as `transport` knows them and as cursors are keyed; every other region).
     pub fn new(
         config: DriverConfig,
+        region: &str,
         store: Arc<B>,
         transport: Arc<T>,
         peers: Vec<String>,
         clock: Arc<dyn geostate_regions::Clock>,
     ) -> Self {
         Self {
-            core: ReplicatorCore::new(config.core, peers.len()),
+            core: ReplicatorCore::new(config.core, region, &peers),
             store,
             transport,
             peers,

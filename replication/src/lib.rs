@@ -29,7 +29,7 @@
 //! let (stop, shutdown) = tokio::sync::watch::channel(false);
 //! for (i, store) in stores.iter().enumerate() {
 //!     let peers = vec![names[1 - i].to_string()];
-//!     let replicator = Replicator::new(config.clone(), store.clone(), transport.clone(), peers, Arc::new(SystemClock));
+//!     let replicator = Replicator::new(config.clone(), names[i], store.clone(), transport.clone(), peers, Arc::new(SystemClock));
 //!     let (status, _) = tokio::sync::watch::channel(Status::default());
 //!     tokio::spawn(replicator.run(shutdown.clone(), status));
 //! }

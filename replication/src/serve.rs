@@ -161,6 +161,52 @@ async fn serve_inner<B: StateBackend>(
             merge_states(backend, states).await?;
             Response::Pushed
         }
+        Request::Stability {
+            partition,
+            keys,
+            origins,
+        } => {
+            if keys.len() > limits.keys_max || origins.len() > limits.keys_max {
+                return Ok(failed("too many keys or origins in one request"));
+            }
+            let parsed: Vec<Key> = keys.iter().map(Key::new).collect::<Result<_, _>>()?;
+            let mut hashes = Vec::with_capacity(parsed.len());
+            for value in backend.get_many(&parsed).await? {
+                hashes.push(match value {
+                    Ok(Some(stored)) => Some(value_hash(&stored.value)?),
+                    Ok(None) | Err(_) => None,
+                });
+            }
+            let head = backend.read_feed(partition, u64::MAX, 1).await?.last_seq;
+            let mut cursors = Vec::with_capacity(origins.len());
+            for origin in &origins {
+                cursors.push(backend.cursor(origin, partition).await?);
+            }
+            Response::Stability {
+                hashes,
+                head,
+                cursors,
+            }
+        }
+        Request::Purge { keys } => {
+            if keys.len() > limits.keys_max {
+                return Ok(failed("too many keys in one purge"));
+            }
+            let mut count = 0u32;
+            for (key, hash) in keys {
+                let key = Key::new(key)?;
+                let Some(stored) = backend.get(&key).await.ok().flatten() else {
+                    continue;
+                };
+                if stored.value.is_bottom()
+                    && value_hash(&stored.value)? == hash
+                    && backend.purge(&key, stored.version).await?
+                {
+                    count += 1;
+                }
+            }
+            Response::Purged { count }
+        }
     })
 }
 
@@ -284,6 +330,33 @@ async fn execute_inner<B: StateBackend>(
             LocalResult::Buckets(bucket_entries(backend, partition, buckets).await?)
         }
         LocalOp::States { keys } => LocalResult::States(states(backend, keys).await?),
+        LocalOp::Tombstones {
+            partition,
+            after,
+            limit,
+        } => {
+            let after = after.map(Key::new).transpose()?;
+            let page = backend.tombstones(partition, after.as_ref(), limit).await?;
+            let head = backend.read_feed(partition, u64::MAX, 1).await?.last_seq;
+            LocalResult::Tombstones {
+                items: page
+                    .items
+                    .into_iter()
+                    .map(|t| (t.key.as_str().to_string(), t.version, t.hash))
+                    .collect(),
+                next: page.next.map(|k| k.as_str().to_string()),
+                head,
+            }
+        }
+        LocalOp::Purge { keys } => {
+            let mut purged = 0;
+            for (key, version) in keys {
+                if backend.purge(&Key::new(key)?, version).await? {
+                    purged += 1;
+                }
+            }
+            LocalResult::Purged(purged)
+        }
         LocalOp::MergeStates { states } => {
             let keys: Vec<Key> = states
                 .iter()

@@ -53,6 +53,22 @@ pub enum Request {
         /// `(key, envelope)` pairs.
         states: Vec<(String, Vec<u8>)>,
     },
+    /// Garbage collection asks whether the puller's tombstones of `partition` are stable: the
+    /// peer's value hash of each key, its feed head, and its cursors on `origins`' feeds.
+    Stability {
+        /// The partition.
+        partition: u16,
+        /// The tombstones' keys.
+        keys: Vec<String>,
+        /// Regions whose feeds the peer pulls (every region but the peer).
+        origins: Vec<String>,
+    },
+    /// Tombstones found causally stable: the peer purges each key that still holds a
+    /// tombstone with this value hash.
+    Purge {
+        /// `(key, value hash)` pairs.
+        keys: Vec<(String, u64)>,
+    },
 }
 
 /// One change-feed entry on the wire.
@@ -120,6 +136,21 @@ pub enum Response {
     },
     /// The pushed states were merged.
     Pushed,
+    /// What the peer knows of some tombstones (see [`Request::Stability`]).
+    Stability {
+        /// The peer's value hash of each asked key, in order; `None` if it holds no readable
+        /// value.
+        hashes: Vec<Option<u64>>,
+        /// The newest sequence number of the peer's feed of the partition.
+        head: u64,
+        /// The peer's cursor on each asked origin's feed of the partition, in order.
+        cursors: Vec<u64>,
+    },
+    /// How many of the tombstones the peer purged.
+    Purged {
+        /// The count.
+        count: u32,
+    },
     /// The peer could not answer (its store failed); the request may be retried.
     Failed {
         /// Why.
@@ -144,6 +175,12 @@ impl Request {
                     .map(|(k, v)| 4 + k.len() + v.len())
                     .sum::<usize>()
             }
+            Request::Stability { keys, origins, .. } => {
+                2 + 4
+                    + keys.iter().map(|k| 2 + k.len()).sum::<usize>()
+                    + origins.iter().map(|o| 1 + o.len()).sum::<usize>()
+            }
+            Request::Purge { keys } => 2 + keys.iter().map(|(k, _)| 2 + k.len() + 8).sum::<usize>(),
         }
     }
 }
@@ -194,6 +231,10 @@ impl Response {
                     .sum::<usize>()
             }
             Response::Pushed => 0,
+            Response::Stability {
+                hashes, cursors, ..
+            } => 4 + 9 * hashes.len() + 8 + 8 * cursors.len(),
+            Response::Purged { .. } => 4,
             Response::Failed { reason } => 2 + reason.len(),
         }
     }

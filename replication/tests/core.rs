@@ -32,6 +32,9 @@ fn config() -> CoreConfig {
         anti_entropy_interval_ms: 4_000_000_000,
         ae_buckets_per_round_max: 64,
         ae_keys_per_round_max: 1_024,
+        // Garbage collection has its own tests (gc.rs).
+        gc_interval_ms: 0,
+        gc_keys_per_round_max: 16,
     }
 }
 
@@ -55,10 +58,14 @@ struct Harness {
     silent: BTreeSet<PeerId>,
 }
 
+fn peer_names(peers: usize) -> Vec<String> {
+    (0..peers).map(|i| format!("peer-{i}")).collect()
+}
+
 impl Harness {
     fn new(config: CoreConfig, peers: usize) -> Self {
         Self {
-            core: ReplicatorCore::new(config.clone(), peers),
+            core: ReplicatorCore::new(config.clone(), "self", &peer_names(peers)),
             config,
             now_ms: 0,
             polls_out: BTreeMap::new(),
@@ -2081,6 +2088,8 @@ fn prop_config() -> CoreConfig {
         anti_entropy_interval_ms: 2_000,
         ae_buckets_per_round_max: 2,
         ae_keys_per_round_max: 2,
+        gc_interval_ms: 0,
+        gc_keys_per_round_max: 2,
     }
 }
 

@@ -40,6 +40,8 @@ fn driver_config(anti_entropy_interval_ms: u64) -> DriverConfig {
             anti_entropy_interval_ms,
             ae_buckets_per_round_max: usize::from(BUCKETS),
             ae_keys_per_round_max: 256,
+            gc_interval_ms: 1_000,
+            gc_keys_per_round_max: 64,
         },
         tick_ms: 10,
         answers_max: 256,
@@ -212,6 +214,7 @@ impl Cluster {
         });
         let replicator = Replicator::new(
             self.config.clone(),
+            &self.names[i],
             self.stores[i].clone(),
             transport,
             peers,
@@ -719,6 +722,7 @@ async fn a_hanging_transport_does_not_pile_up_requests() {
     let max = config.core.requests_in_flight_max as u64;
     let replicator = Replicator::new(
         config,
+        "lonely",
         store,
         Arc::clone(&transport),
         vec!["silent".to_string()],
@@ -739,4 +743,87 @@ async fn a_hanging_transport_does_not_pile_up_requests() {
         peak <= 2 * max,
         "{peak} requests were alive at once; the in-flight bound is {max}"
     );
+}
+
+/// Tombstones held by region `i`'s store.
+async fn tombstones(cluster: &Cluster, i: usize) -> usize {
+    let mut n = 0;
+    for p in 0..PARTITIONS {
+        n += cluster.stores[i]
+            .tombstones(p, None, 10_000)
+            .await
+            .unwrap()
+            .items
+            .len();
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_keys_are_purged_once_every_region_applied_them_and_can_be_written_again() {
+    let mut cluster = Cluster::new(3, 10_000, driver_config(300), Faults::default(), &[]);
+    // ap-south is cut off from us-east: nothing deleted may be purged until it has applied
+    // the deletes (through eu-west's anti-entropy) and pulled us-east's feed past them.
+    cluster.faults.cut(NAMES[0], NAMES[2]);
+    cluster.start_all();
+    let keys: Vec<String> = (0..12).map(|i| format!("gc:{i}")).collect();
+    for (i, key) in keys.iter().enumerate() {
+        for (r, region) in cluster.regions.iter().enumerate() {
+            region
+                .merge_crdt(key, SetOp::add(format!("old-{r}-{i}")))
+                .await
+                .unwrap();
+        }
+    }
+    cluster.wait_converged(false).await;
+    for key in &keys {
+        cluster.regions[0].delete(key).await.unwrap();
+    }
+    cluster.wait_converged(false).await;
+    // Three GC sweeps' time with the cut in place: every region holds every tombstone.
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    for i in 0..3 {
+        assert_eq!(tombstones(&cluster, i).await, keys.len(), "region {i}");
+        assert_eq!(cluster.status(i).stats.tombstones_purged, 0);
+    }
+    cluster.faults.heal();
+    let start = Instant::now();
+    loop {
+        let mut left = 0;
+        for i in 0..3 {
+            left += tombstones(&cluster, i).await;
+        }
+        if left == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < CONVERGE_WITHIN,
+            "{left} tombstones still held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let purged: u64 = (0..3)
+        .map(|i| cluster.status(i).stats.tombstones_purged)
+        .sum();
+    assert!(purged >= keys.len() as u64);
+    // Written again in every region: nothing old comes back and no dot is reused (a reused
+    // dot would be taken for one already removed, and the new element would be lost).
+    for (i, key) in keys.iter().enumerate() {
+        for (r, region) in cluster.regions.iter().enumerate() {
+            region
+                .merge_crdt(key, SetOp::add(format!("new-{r}-{i}")))
+                .await
+                .unwrap();
+        }
+    }
+    cluster.wait_converged(false).await;
+    for (i, key) in keys.iter().enumerate() {
+        let want: BTreeSet<String> = (0..3).map(|r| format!("new-{r}-{i}")).collect();
+        for region in &cluster.regions {
+            let set: OrSet<String> = region.read(key).await.unwrap();
+            let got: BTreeSet<String> = set.iter().cloned().collect();
+            assert_eq!(got, want, "{key}");
+        }
+    }
+    cluster.stop_all().await;
 }

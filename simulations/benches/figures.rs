@@ -117,7 +117,7 @@ fn figure_anti_entropy() {
         anti_entropy_interval_ms: 256,
         ..CoreConfig::default()
     };
-    let mut core = ReplicatorCore::new(config, 1);
+    let mut core = ReplicatorCore::new(config, "b", &["a".to_string()]);
     let peers = vec!["a".to_string()];
     let limits = ServeLimits::default();
     let mut now = 0u64;

@@ -285,6 +285,8 @@ fn add_stats(total: &mut Stats, s: &Stats) {
     total.ae_rounds += s.ae_rounds;
     total.ae_keys += s.ae_keys;
     total.gaps += s.gaps;
+    total.tombstones_purged += s.tombstones_purged;
+    total.tombstones_pending = s.tombstones_pending;
 }
 
 fn lag_histogram() -> Result<Histogram<u64>, SimError> {
@@ -496,12 +498,17 @@ impl Sim<'_> {
             anti_entropy_interval_ms: r.anti_entropy_interval_ms,
             retry_backoff_ms: r.poll_interval_ms,
             retry_backoff_max_ms: (r.poll_interval_ms * 16).max(r.request_timeout_ms),
+            gc_interval_ms: r.gc_interval_ms,
             ..CoreConfig::default()
         }
     }
 
     fn new_core(&self, i: usize) -> ReplicatorCore {
-        ReplicatorCore::new(self.core_config(), self.nodes[i].peers.len())
+        ReplicatorCore::new(
+            self.core_config(),
+            &region_name(i),
+            &self.nodes[i].peer_names,
+        )
     }
 
     fn next_write_gap(&mut self) -> u64 {
@@ -1059,6 +1066,30 @@ impl Sim<'_> {
         Ok(all)
     }
 
+    /// Tombstones held by all regions together.
+    fn tombstones(&self) -> Result<u64, SimError> {
+        let mut total = 0;
+        for node in &self.nodes {
+            for partition in 0..self.scenario.replication.partitions {
+                let mut after: Option<Key> = None;
+                loop {
+                    let page = ready(node.store.tombstones(
+                        partition,
+                        after.as_ref(),
+                        geostate_backends::PAGE_LIMIT_MAX,
+                    ))?
+                    .map_err(|e| SimError::Internal(e.to_string()))?;
+                    total += page.items.len() as u64;
+                    match page.next {
+                        Some(next) => after = Some(next),
+                        None => break,
+                    }
+                }
+            }
+        }
+        Ok(total)
+    }
+
     fn sample(&mut self) -> Result<(), SimError> {
         let digests = self.digests()?;
         let mut divergence = 0u64;
@@ -1085,8 +1116,14 @@ impl Sim<'_> {
         if self.healed {
             let alive = self.nodes.iter().all(|n| n.core.is_some());
             if alive && divergence == 0 {
-                self.converged_ms = Some(self.now_ms);
-                self.finished = true;
+                if self.converged_ms.is_none() {
+                    self.converged_ms = Some(self.now_ms);
+                }
+                // Then give garbage collection its time: the run ends once every tombstone
+                // is purged everywhere (or at the timeout, which reports those pending).
+                if self.scenario.replication.gc_interval_ms == 0 || self.tombstones()? == 0 {
+                    self.finished = true;
+                }
             } else if self.now_ms
                 >= self.heal_ms + (self.scenario.converge_timeout_s * 1000.0) as u64
             {

@@ -476,6 +476,7 @@ impl<'a> Report<'a> {
             t.requests += s.requests;
             t.failures += s.failures;
             t.applied += s.entries_applied;
+            t.purged += s.tombstones_purged;
         }
         t.conflicts = o.conflicts.iter().sum();
         t.tombstones = o.tombstones.iter().sum();
@@ -647,9 +648,10 @@ impl<'a> Report<'a> {
             &mut out,
             "tombstones",
             format!(
-                "{} pending ({})",
+                "{} still held ({}); {} purged once every region had applied them",
                 thousands(t.tombstones),
-                self.per_region(&o.tombstones)
+                self.per_region(&o.tombstones),
+                thousands(t.purged)
             ),
         );
         field(
@@ -780,6 +782,7 @@ impl<'a> Report<'a> {
                     "entries_applied": st.entries_applied,
                     "conflicts": o.conflicts.get(i).copied().unwrap_or(0),
                     "tombstones": o.tombstones.get(i).copied().unwrap_or(0),
+                    "tombstones_purged": st.tombstones_purged,
                 })
             })
             .collect();
@@ -850,6 +853,7 @@ impl<'a> Report<'a> {
             "per_region": per_region,
             "conflicts": t.conflicts,
             "tombstones": t.tombstones,
+            "tombstones_purged": t.purged,
             "messages": {
                 "dropped": o.messages_dropped,
                 "duplicated": o.messages_duplicated,
@@ -909,6 +913,7 @@ struct Totals {
     applied: u64,
     conflicts: u64,
     tombstones: u64,
+    purged: u64,
 }
 
 fn secs_f(ms: u64) -> f64 {

@@ -112,6 +112,8 @@ pub struct Replication {
     pub tick_ms: u64,
     /// Feed entries per request.
     pub feed_batch_max: u32,
+    /// Time to sweep all partitions once for causally stable tombstones (`0`: keep them all).
+    pub gc_interval_ms: u64,
 }
 
 impl Default for Replication {
@@ -125,6 +127,7 @@ impl Default for Replication {
             request_timeout_ms: 1_000,
             tick_ms: 10,
             feed_batch_max: 512,
+            gc_interval_ms: 4_000,
         }
     }
 }
