@@ -5,19 +5,53 @@
 //! it asks its driver to, through [`Command`]s, and learns the outcome through [`Event`]s. The
 //! async driver ([`crate::driver`]) and the simulator both run this same logic.
 //!
-//! ## Feed shipping
-//! For each peer the core keeps one long poll out ([`Request::Heads`]) carrying its cursor for
-//! every partition. The peer answers with pages of the entries after those cursors, holding the
-//! poll (up to `pull_wait_ms`) while it has nothing new, so a write reaches the puller about
-//! one one-way latency after the poll is back at the peer. The core applies each page by
-//! idempotent merge and advances the cursor in its own store only after the merges
-//! ([`LocalOp::ApplyFeed`]), so a crash at any point loses nothing and re-applying a page
-//! changes nothing; the next poll goes out once the page's merges are done, with the new
-//! cursors. Partitions a page limit left behind are fetched with [`Request::Feed`].
+//! ## Feed shipping: pipelined long polls in a session
+//! For each peer the core keeps up to [`CoreConfig::polls_per_peer`] long polls
+//! ([`Request::Heads`]) out at once. The peer holds a poll while it has nothing new (up to
+//! `pull_wait_ms`) and answers it as soon as a local write arrives. With a single poll, a
+//! write made while the answer travels back and the next poll travels out waits for that
+//! poll: lag spreads over one to three one-way latencies. With several, one is (nearly)
+//! always waiting at the peer, so a write leaves at once and lag is about one one-way latency.
+//!
+//! Polls sent before an answer arrived cannot tell the peer what that answer carried, so the
+//! peer keeps a *poll session* per puller ([`crate::serve::Server`]): the first poll opens it
+//! with the cursors (answered at once, with the session's id), later polls carry only the id,
+//! and the peer sends each entry once per session, whichever poll is waiting. New polls go out
+//! as soon as an answer arrives (not after its merges), spread over one round trip (at most
+//! one per measured round trip / `polls_per_peer`) so that they keep arriving at the peer
+//! evenly rather than in bursts.
+//!
+//! Per (peer, partition) the core tracks three positions: `received` (every entry up to it
+//! has arrived and is applied or queued for applying), the `cursor` (applied, and stored in
+//! this region's own store by the same [`LocalOp::ApplyFeed`] that merged the entries, only
+//! after the merges) and the `head` (the newest entry the peer is known to hold). A page is
+//! taken if it starts at or before `received + 1` (entries already received are dropped);
+//! one page per partition is being applied at a time, later ones wait in a queue, so the
+//! stored cursor never passes an entry whose merge is not done. A crash at any point loses
+//! nothing: the next incarnation opens a session at the stored cursors, and re-applying
+//! entries changes nothing.
+//!
+//! The session is given up, and a new one opened at the `received` cursors, whenever what the
+//! peer sent may not have arrived: a poll of the session fails or times out (its answer may
+//! be lost after the peer counted its entries as sent), a page starts past `received + 1`
+//! while the peer still holds the entries in between (an answer was lost or overtaken), the
+//! peer no longer knows the session (it restarted), or an apply fails (`received` falls back
+//! to the cursor first). The new session resends everything after what this region holds.
+//! Answers to polls of a session given up are ignored; a poll delivered twice by the network
+//! is answered once ([`Response::Duplicate`] for the copy, which the core ignores).
+//!
+//! Why a session: the alternative of polls carrying cursors, with the peer raising the
+//! cursors of the other polls it holds when it answers one, cannot help a poll still on its
+//! way (under load, most are): it would ship again what answers still in flight carry. And
+//! a poll carrying every partition's cursor costs bytes on every answer, which a session id
+//! does not. Limits: after a quiet spell a burst's first writes each take a waiting poll, and
+//! the next ones wait up to a round trip for polls to come back; no new poll goes out while
+//! `feed_batch_max` received entries wait to be applied (a slow store slows the peer down
+//! rather than filling memory).
 //!
 //! ## Anti-entropy
-//! When a peer's feed was trimmed past the cursor, the cursor jumps to the oldest entry still
-//! held and the partition is queued for anti-entropy; every partition is also swept
+//! When a peer's feed was trimmed past what was received, the cursor jumps to the oldest
+//! entry still held and the partition is queued for anti-entropy; every partition is also swept
 //! periodically (all of a peer's partitions once per `anti_entropy_interval_ms`). A round on
 //! one partition compares bucket fingerprints ([`Request::Digest`]), then the `(key, hash)`
 //! lists of the differing buckets ([`Request::Buckets`]), then pulls the peer's states of the
@@ -31,21 +65,23 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use hdrhistogram::Histogram;
 
-use crate::wire::{Request, Response, WireEntry};
+use crate::wire::{Page, Request, Response, WireEntry};
 
 /// Protocol settings. Every queue and batch is bounded by one of these.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CoreConfig {
     /// Partitions of the keyspace (must match every region's layout).
     pub partitions: u16,
-    /// Least time between sending two polls to a peer when the first one got no answer (a
-    /// failure also backs off); after an answer the next poll goes out as soon as the answer's
-    /// pages are applied.
-    pub poll_interval_ms: u64,
+    /// Heads polls kept out to each peer at once (at least 1, and one fewer than
+    /// `requests_in_flight_max` when that is above 1). With `n`, a new poll goes out at most
+    /// every round trip / `n`, so a write waits at most about that long for a poll to answer
+    /// it, plus one one-way latency.
+    pub polls_per_peer: usize,
     /// How long a peer may hold a heads poll that has nothing new (a long poll): a write at
-    /// the peer answers it at once, so replication lag is about one one-way latency.
+    /// the peer answers it at once.
     pub pull_wait_ms: u64,
-    /// Most entries per feed request.
+    /// Most entries per poll answer; also, no new poll goes out while this many received
+    /// entries of a peer wait to be applied.
     pub feed_batch_max: u32,
     /// Most requests in flight to one peer.
     pub requests_in_flight_max: usize,
@@ -72,7 +108,7 @@ impl Default for CoreConfig {
     fn default() -> Self {
         Self {
             partitions: 256,
-            poll_interval_ms: 100,
+            polls_per_peer: 4,
             pull_wait_ms: 1_000,
             feed_batch_max: 512,
             requests_in_flight_max: 16,
@@ -242,7 +278,7 @@ pub struct Stats {
     pub failures: u64,
     /// Feed entries applied.
     pub entries_applied: u64,
-    /// Bytes of feed traffic (requests and responses of heads and feed pages).
+    /// Bytes of feed traffic (heads polls and their answers).
     pub feed_bytes: u64,
     /// Bytes of anti-entropy traffic (digests, bucket lists, states both ways).
     pub ae_bytes: u64,
@@ -252,6 +288,8 @@ pub struct Stats {
     pub ae_keys: u64,
     /// Feed gaps found (a peer trimmed entries this region had not applied).
     pub gaps: u64,
+    /// Poll sessions opened (one per peer at start, and one after each loss or restart).
+    pub sessions: u64,
     /// Tombstones waiting for causal stability, as last counted (a gauge).
     pub tombstones_pending: u64,
     /// Tombstones purged once causally stable.
@@ -261,9 +299,39 @@ pub struct Stats {
 /// The per-(peer, partition) feed state.
 #[derive(Clone, Debug, Default)]
 struct Link {
+    /// Everything up to here is applied, and the cursor stored.
     cursor: u64,
+    /// Everything up to here has arrived: applied, being applied, or queued (`>= cursor`).
+    received: u64,
+    /// The newest entry the peer is known to hold.
     head: u64,
-    fetching: bool,
+    /// Entries that arrived while an earlier page of the partition was being applied.
+    queued: Vec<WireEntry>,
+    /// A page of this partition is being applied.
+    applying: bool,
+}
+
+impl Link {
+    fn at(cursor: u64) -> Self {
+        Self {
+            cursor,
+            received: cursor,
+            head: cursor,
+            queued: Vec::new(),
+            applying: false,
+        }
+    }
+}
+
+/// The poll session with a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stream {
+    /// None: the next poll opens one.
+    Closed,
+    /// The opening poll is out.
+    Opening,
+    /// Polls carry the session's id and the next poll number.
+    Open { session: u64, next_poll: u64 },
 }
 
 /// One anti-entropy round's progress on one partition.
@@ -307,8 +375,17 @@ impl Round {
 #[derive(Debug)]
 struct Peer {
     links: Vec<Link>,
-    heads_in_flight: bool,
-    next_heads_ms: u64,
+    stream: Stream,
+    /// Bumped whenever the session is given up: answers to older polls are ignored.
+    epoch: u64,
+    /// Polls of the current epoch out (the opening poll included).
+    polls_out: usize,
+    /// When the last poll went out (polls are spread over a round trip).
+    last_poll_ms: u64,
+    /// Shortest poll round trip (send to answer) seen since the session opened.
+    rtt_ms: Option<u64>,
+    /// Entries received and not applied yet (queued or being applied).
+    unapplied: usize,
     in_flight: usize,
     failures_in_a_row: u32,
     retry_at_ms: u64,
@@ -317,8 +394,6 @@ struct Peer {
     urgent: BTreeSet<u16>,
     next_sweep_partition: u16,
     next_sweep_ms: u64,
-    /// Feed pages being merged; the next poll waits for them so it carries fresh cursors.
-    applying: usize,
     /// Requests of the current round waiting for an in-flight slot.
     deferred: VecDeque<(Request, Purpose)>,
     lag_ms: Histogram<u64>,
@@ -328,14 +403,17 @@ struct Peer {
 #[derive(Clone, Debug)]
 enum Purpose {
     Cursors,
-    Heads {
+    /// A poll opening a session.
+    Open {
         peer: PeerId,
-        /// The cursors the poll was sent with (`u64::MAX` for partitions being fetched).
-        after: Vec<u64>,
+        epoch: u64,
+        sent_ms: u64,
     },
-    Feed {
+    /// A poll within the session of `epoch`.
+    Poll {
         peer: PeerId,
-        partition: u16,
+        epoch: u64,
+        sent_ms: u64,
     },
     Apply {
         peer: PeerId,
@@ -406,9 +484,13 @@ struct Pending {
 /// // Starting asks for the stored cursors...
 /// let commands = core.handle(0, Event::Start);
 /// let Command::Local { id, op: LocalOp::LoadCursors } = commands[0].clone() else { panic!() };
-/// // ...and once they are loaded, the first poll asks the peer for its feed heads.
+/// // ...and once they are loaded, the first poll opens a session at them.
 /// let commands = core.handle(0, Event::Local { id, result: Ok(LocalResult::Cursors(vec![vec![0, 0]])) });
-/// assert!(commands.iter().any(|c| matches!(c, Command::Send { request: Request::Heads { .. }, .. })));
+/// let [Command::Send { id, request: Request::Heads { session: 0, after, .. }, .. }] = &commands[..] else { panic!() };
+/// assert_eq!(after, &vec![0, 0]);
+/// // The peer answers at once with the session's id; polls within it follow.
+/// let commands = core.handle(80, Event::Remote { id: *id, result: Ok(Response::Opened { session: 7, pages: vec![] }) });
+/// assert!(commands.iter().any(|c| matches!(c, Command::Send { request: Request::Heads { session: 7, .. }, .. })));
 /// ```
 #[derive(Debug)]
 pub struct ReplicatorCore {
@@ -449,8 +531,12 @@ impl ReplicatorCore {
         let peers_state = (0..peer_count)
             .map(|i| Peer {
                 links: vec![Link::default(); usize::from(config.partitions)],
-                heads_in_flight: false,
-                next_heads_ms: 0,
+                stream: Stream::Closed,
+                epoch: 0,
+                polls_out: 0,
+                last_poll_ms: 0,
+                rtt_ms: None,
+                unapplied: 0,
                 in_flight: 0,
                 failures_in_a_row: 0,
                 retry_at_ms: 0,
@@ -460,7 +546,6 @@ impl ReplicatorCore {
                 next_sweep_partition: (i as u16).wrapping_mul(7) % config.partitions.max(1),
                 next_sweep_ms: 0,
                 deferred: VecDeque::new(),
-                applying: 0,
                 lag_ms: histogram(),
             })
             .collect();
@@ -523,7 +608,8 @@ impl ReplicatorCore {
             && self.peers.iter().all(|p| {
                 p.urgent.is_empty()
                     && matches!(p.round, Round::Idle)
-                    && p.links.iter().all(|l| l.cursor >= l.head && !l.fetching)
+                    && p.unapplied == 0
+                    && p.links.iter().all(|l| l.cursor >= l.head && !l.applying)
             })
     }
 
@@ -547,7 +633,19 @@ impl ReplicatorCore {
             }
             Event::Tick => self.expire(now_ms),
             Event::Remote { id, result } => {
-                if let Some(p) = self.pending.remove(&id) {
+                let copy = matches!(result, Ok(Response::Duplicate))
+                    && matches!(
+                        self.pending.get(&id),
+                        Some(Pending {
+                            purpose: Purpose::Poll { .. },
+                            ..
+                        })
+                    );
+                // A poll the network delivered twice: the copy's answer says so, and the
+                // poll's own answer is still to come.
+                if copy {
+                    self.stats.feed_bytes += Response::Duplicate.wire_bytes() as u64;
+                } else if let Some(p) = self.pending.remove(&id) {
                     self.on_remote(now_ms, p.purpose, result, &mut out);
                 }
             }
@@ -569,13 +667,18 @@ impl ReplicatorCore {
     /// again, and the region would stop pulling for as long as the step.
     fn clock_stepped_back(&mut self, by_ms: u64) {
         for p in &mut self.peers {
-            p.next_heads_ms = p.next_heads_ms.saturating_sub(by_ms);
+            p.last_poll_ms = p.last_poll_ms.saturating_sub(by_ms);
             p.retry_at_ms = p.retry_at_ms.saturating_sub(by_ms);
             p.next_sweep_ms = p.next_sweep_ms.saturating_sub(by_ms);
         }
         for pending in self.pending.values_mut() {
             if let Some(deadline) = pending.deadline_ms.as_mut() {
                 *deadline = deadline.saturating_sub(by_ms);
+            }
+            if let Purpose::Open { sent_ms, .. } | Purpose::Poll { sent_ms, .. } =
+                &mut pending.purpose
+            {
+                *sent_ms = sent_ms.saturating_sub(by_ms);
             }
         }
         self.gc.clock_stepped_back(by_ms);
@@ -606,7 +709,7 @@ impl ReplicatorCore {
         self.stats.requests += 1;
         let bytes = request.wire_bytes() as u64;
         match request {
-            Request::Heads { .. } | Request::Feed { .. } => self.stats.feed_bytes += bytes,
+            Request::Heads { .. } => self.stats.feed_bytes += bytes,
             _ => self.stats.ae_bytes += bytes,
         }
         Command::Send { id, peer, request }
@@ -652,8 +755,8 @@ impl ReplicatorCore {
     fn peer_of(purpose: &Purpose) -> Option<PeerId> {
         match *purpose {
             Purpose::Cursors | Purpose::GcList { .. } | Purpose::GcPurgeLocal { .. } => None,
-            Purpose::Heads { peer, .. }
-            | Purpose::Feed { peer, .. }
+            Purpose::Open { peer, .. }
+            | Purpose::Poll { peer, .. }
             | Purpose::Apply { peer, .. }
             | Purpose::RemoteDigest { peer }
             | Purpose::LocalDigest { peer }
@@ -693,11 +796,35 @@ impl ReplicatorCore {
             return;
         };
         self.peers[peer].in_flight = self.peers[peer].in_flight.saturating_sub(1);
-        if matches!(purpose, Purpose::Stale { .. }) {
-            return;
-        }
+        // Polls of a session given up only free their slot.
+        let current = match purpose {
+            Purpose::Stale { .. } => return,
+            Purpose::Open { epoch, .. } | Purpose::Poll { epoch, .. } => {
+                let p = &mut self.peers[peer];
+                if epoch != p.epoch {
+                    match &result {
+                        Ok(
+                            response @ (Response::Heads { .. }
+                            | Response::Opened { .. }
+                            | Response::UnknownSession),
+                        ) => {
+                            self.stats.feed_bytes += response.wire_bytes() as u64;
+                        }
+                        _ => self.stats.failures += 1,
+                    }
+                    return;
+                }
+                p.polls_out = p.polls_out.saturating_sub(1);
+                true
+            }
+            _ => false,
+        };
         let response = match result {
             Ok(Response::Failed { .. }) | Err(_) => {
+                if current {
+                    // Its answer may be lost after the peer counted its entries as sent.
+                    self.reopen(peer);
+                }
                 self.abandon(purpose);
                 self.fail(now_ms, peer);
                 return;
@@ -708,52 +835,28 @@ impl ReplicatorCore {
         let failures_in_a_row = std::mem::take(&mut self.peers[peer].failures_in_a_row);
         let bytes = response.wire_bytes() as u64;
         match (&purpose, response) {
-            (Purpose::Heads { after, .. }, Response::Heads { last_seqs, pages }) => {
+            (Purpose::Open { sent_ms, .. }, Response::Opened { session, pages }) => {
+                self.stats.feed_bytes += bytes;
+                self.stats.sessions += 1;
+                let p = &mut self.peers[peer];
+                p.stream = Stream::Open {
+                    session,
+                    next_poll: 1,
+                };
+                p.rtt_ms = Some(now_ms.saturating_sub(*sent_ms));
+                self.take_pages(peer, pages, out);
+            }
+            (Purpose::Poll { .. }, Response::UnknownSession) => {
+                // The peer restarted, or forgot the session: open another at once.
+                self.stats.feed_bytes += bytes;
+                self.reopen(peer);
+            }
+            (Purpose::Poll { sent_ms, .. }, Response::Heads { pages }) => {
                 self.stats.feed_bytes += bytes;
                 let p = &mut self.peers[peer];
-                p.heads_in_flight = false;
-                // A long poll came back: poll again at once (the peer holds it until there
-                // is something new, so this does not spin).
-                p.next_heads_ms = now_ms;
-                for (link, head) in p.links.iter_mut().zip(last_seqs) {
-                    link.head = link.head.max(head);
-                }
-                for page in pages {
-                    let index = usize::from(page.partition);
-                    if let Some(link) = self.peers[peer].links.get_mut(index) {
-                        link.head = link.head.max(page.last_seq);
-                    }
-                    let Some(link) = self.peers[peer].links.get(index) else {
-                        continue;
-                    };
-                    // Only a page cut at the cursor we still stand at, for a partition no one
-                    // else is fetching, is taken; anything else is fetched again.
-                    let sent = after.get(index).copied().unwrap_or(u64::MAX);
-                    if link.fetching || sent != link.cursor {
-                        continue;
-                    }
-                    self.peers[peer].links[index].fetching = true;
-                    self.accept_page(
-                        peer,
-                        page.partition,
-                        page.entries,
-                        page.first_seq,
-                        page.last_seq,
-                        out,
-                    );
-                }
-            }
-            (
-                Purpose::Feed { partition, .. },
-                Response::Feed {
-                    entries,
-                    first_seq,
-                    last_seq,
-                },
-            ) => {
-                self.stats.feed_bytes += bytes;
-                let partition = *partition;
-                self.accept_page(peer, partition, entries, first_seq, last_seq, out);
+                let rtt = now_ms.saturating_sub(*sent_ms);
+                p.rtt_ms = Some(p.rtt_ms.map_or(rtt, |r| r.min(rtt)));
+                self.take_pages(peer, pages, out);
             }
             (Purpose::RemoteDigest { .. }, Response::Digest { buckets }) => {
                 self.stats.ae_bytes += bytes;
@@ -808,43 +911,91 @@ impl ReplicatorCore {
                 // An answer of the wrong kind: treat as a failure of that request.
                 let purpose = purpose.clone();
                 self.peers[peer].failures_in_a_row = failures_in_a_row;
+                if current {
+                    self.reopen(peer);
+                }
                 self.abandon(purpose);
                 self.fail(now_ms, peer);
             }
         }
     }
 
-    /// Applies a page of `peer`'s feed for `partition` (whose `fetching` flag is set): skips
-    /// what the cursor already covers, detects a gap (entries trimmed before we read them:
-    /// repair by anti-entropy, carry on from what the peer still holds) and asks for the merge.
-    fn accept_page(
-        &mut self,
-        peer: PeerId,
-        partition: u16,
-        entries: Vec<WireEntry>,
-        first_seq: u64,
-        last_seq: u64,
-        out: &mut Vec<Command>,
-    ) {
-        let index = usize::from(partition);
-        let cursor = self.peers[peer].links[index].cursor;
+    /// Gives up the poll session with `peer`: the next poll opens a new one at the
+    /// `received` cursors, and answers to the old session's polls are ignored.
+    fn reopen(&mut self, peer: PeerId) {
+        let p = &mut self.peers[peer];
+        p.epoch += 1;
+        p.stream = Stream::Closed;
+        p.polls_out = 0;
+    }
+
+    /// Takes the pages of a poll's answer; gives up the session if one does not follow what
+    /// was received.
+    fn take_pages(&mut self, peer: PeerId, pages: Vec<Page>, out: &mut Vec<Command>) {
+        let mut consistent = true;
+        for page in pages {
+            if usize::from(page.partition) < self.peers[peer].links.len() {
+                consistent &= self.accept_page(peer, page, out);
+            }
+        }
+        if !consistent {
+            self.reopen(peer);
+        }
+    }
+
+    /// Takes a page of `peer`'s feed: drops what was received already, detects a gap
+    /// (entries trimmed before we read them: repair by anti-entropy, carry on from what the
+    /// peer still holds) and queues the rest to be applied. False if the page starts past
+    /// what was received while the peer still holds the entries in between (they were sent in
+    /// an answer that did not arrive, or not yet): nothing of it is taken.
+    fn accept_page(&mut self, peer: PeerId, page: Page, out: &mut Vec<Command>) -> bool {
+        let index = usize::from(page.partition);
         let link = &mut self.peers[peer].links[index];
-        link.head = link.head.max(last_seq);
-        let gap = cursor < last_seq && cursor.saturating_add(1) < first_seq;
-        let mut base = cursor;
+        link.head = link.head.max(page.last_seq);
+        let received = link.received;
+        let gap = received < page.last_seq && received.saturating_add(1) < page.first_seq;
+        let base = if gap {
+            page.first_seq.saturating_sub(1)
+        } else {
+            received
+        };
+        let entries: Vec<WireEntry> = page.entries.into_iter().filter(|e| e.seq > base).collect();
+        let contiguous = entries
+            .iter()
+            .enumerate()
+            .all(|(i, e)| Some(e.seq) == base.checked_add(i as u64 + 1));
+        if !contiguous {
+            return false;
+        }
+        let to = entries.last().map_or(base, |e| e.seq);
+        if to <= received {
+            return true;
+        }
         if gap {
             self.stats.gaps += 1;
-            self.peers[peer].urgent.insert(partition);
-            base = first_seq.saturating_sub(1);
+            self.peers[peer].urgent.insert(page.partition);
         }
-        let entries: Vec<WireEntry> = entries.into_iter().filter(|e| e.seq > base).collect();
-        let advance_to = entries.last().map_or(base, |e| e.seq);
-        if advance_to == cursor {
-            self.peers[peer].links[index].fetching = false;
+        let p = &mut self.peers[peer];
+        p.unapplied += entries.len();
+        let link = &mut p.links[index];
+        link.received = to;
+        link.queued.extend(entries);
+        self.apply_next(peer, page.partition, out);
+        true
+    }
+
+    /// Applies what was received of (peer, partition) and not applied yet, unless a page of
+    /// it is being applied (then it waits for that one: the cursor never passes an entry
+    /// whose merge is not done).
+    fn apply_next(&mut self, peer: PeerId, partition: u16, out: &mut Vec<Command>) {
+        let link = &mut self.peers[peer].links[usize::from(partition)];
+        if link.applying || link.received <= link.cursor {
             return;
         }
+        link.applying = true;
+        let entries = std::mem::take(&mut link.queued);
+        let advance_to = link.received;
         let hlc_ms = entries.iter().map(|e| e.hlc.physical_ms()).collect();
-        self.peers[peer].applying += 1;
         out.push(self.local(
             LocalOp::ApplyFeed {
                 peer,
@@ -864,20 +1015,31 @@ impl ReplicatorCore {
     /// Forgets the work a failed request was part of, so it is retried later.
     fn abandon(&mut self, purpose: Purpose) {
         match purpose {
-            Purpose::Cursors | Purpose::Stale { .. } | Purpose::GcPurge { .. } => {}
+            // A failed poll gave up its session already.
+            Purpose::Cursors
+            | Purpose::Stale { .. }
+            | Purpose::GcPurge { .. }
+            | Purpose::Open { .. }
+            | Purpose::Poll { .. } => {}
             Purpose::GcList { round }
             | Purpose::GcProbe { round, .. }
             | Purpose::GcPurgeLocal { round, .. } => self.gc_abandon(round),
-            Purpose::Heads { peer, .. } => self.peers[peer].heads_in_flight = false,
-            Purpose::Feed { peer, partition } => {
-                self.peers[peer].links[usize::from(partition)].fetching = false;
-            }
             Purpose::Apply {
-                peer, partition, ..
+                peer,
+                partition,
+                hlc_ms,
+                ..
             } => {
+                // What was received of the partition is dropped; the peer's session counts it
+                // as sent, so a new session resends it from the cursor.
                 let p = &mut self.peers[peer];
-                p.links[usize::from(partition)].fetching = false;
-                p.applying = p.applying.saturating_sub(1);
+                let link = &mut p.links[usize::from(partition)];
+                let dropped = hlc_ms.len() + link.queued.len();
+                link.queued.clear();
+                link.applying = false;
+                link.received = link.cursor;
+                p.unapplied = p.unapplied.saturating_sub(dropped);
+                self.reopen(peer);
             }
             Purpose::RemoteDigest { peer }
             | Purpose::LocalDigest { peer }
@@ -949,18 +1111,17 @@ impl ReplicatorCore {
             (Purpose::Cursors, LocalResult::Cursors(cursors)) => {
                 for (peer, per_partition) in self.peers.iter_mut().zip(cursors) {
                     for (link, cursor) in peer.links.iter_mut().zip(per_partition) {
-                        *link = Link {
-                            cursor,
-                            head: cursor,
-                            fetching: false,
-                        };
+                        *link = Link::at(cursor);
                     }
-                    peer.heads_in_flight = false;
+                    peer.stream = Stream::Closed;
+                    peer.epoch += 1;
+                    peer.polls_out = 0;
+                    peer.last_poll_ms = now_ms;
+                    peer.rtt_ms = None;
+                    peer.unapplied = 0;
                     peer.in_flight = 0;
                     peer.round = Round::Idle;
                     peer.deferred.clear();
-                    peer.applying = 0;
-                    peer.next_heads_ms = now_ms;
                     peer.next_sweep_ms = now_ms
                         + self.config.anti_entropy_interval_ms
                             / u64::from(self.config.partitions.max(1));
@@ -992,10 +1153,12 @@ impl ReplicatorCore {
                     p.lag_ms.saturating_record(lag);
                 }
                 self.stats.entries_applied += hlc_ms.len() as u64;
-                p.applying = p.applying.saturating_sub(1);
+                p.unapplied = p.unapplied.saturating_sub(hlc_ms.len());
                 let link = &mut p.links[usize::from(partition)];
                 link.cursor = link.cursor.max(advance_to);
-                link.fetching = false;
+                link.applying = false;
+                // What arrived meanwhile.
+                self.apply_next(peer, partition, out);
             }
             (Purpose::LocalDigest { peer }, LocalResult::Digest(buckets)) => {
                 if let Round::Digest { local, .. } = &mut self.peers[peer].round {
@@ -1186,7 +1349,85 @@ impl ReplicatorCore {
         self.peers[peer].round = next;
     }
 
-    /// Starts whatever is due: heads polls, feed fetches, anti-entropy rounds.
+    /// How many polls may be out to one peer: `polls_per_peer`, leaving one request slot for
+    /// other work when there is more than one.
+    fn polls_max(&self) -> usize {
+        let max = self.config.requests_in_flight_max;
+        self.config
+            .polls_per_peer
+            .min(if max > 1 { max - 1 } else { max })
+            .max(1)
+    }
+
+    /// Opens a session with `peer` if it has none, or tops up its polls: at most
+    /// [`Self::polls_max`] out, one per round trip / that many (so that they reach the peer
+    /// spread out, not in bursts), none while a page limit's worth of entries waits to be
+    /// applied.
+    fn send_polls(&mut self, peer: PeerId, now_ms: u64, out: &mut Vec<Command>) {
+        let polls_max = self.polls_max();
+        let limit = self.config.feed_batch_max;
+        let wait_ms = u32::try_from(self.config.pull_wait_ms).unwrap_or(u32::MAX);
+        loop {
+            let p = &self.peers[peer];
+            if p.in_flight >= self.config.requests_in_flight_max {
+                return;
+            }
+            let (request, purpose) = match p.stream {
+                Stream::Opening => return,
+                Stream::Closed => {
+                    let after = p.links.iter().map(|l| l.received).collect();
+                    let purpose = Purpose::Open {
+                        peer,
+                        epoch: p.epoch,
+                        sent_ms: now_ms,
+                    };
+                    let p = &mut self.peers[peer];
+                    p.stream = Stream::Opening;
+                    p.rtt_ms = None;
+                    let request = Request::Heads {
+                        session: 0,
+                        after,
+                        poll: 0,
+                        limit,
+                        wait_ms: 0,
+                    };
+                    (request, purpose)
+                }
+                Stream::Open { session, next_poll } => {
+                    let spacing_ms = p.rtt_ms.unwrap_or(0) / polls_max as u64;
+                    if p.polls_out >= polls_max
+                        || now_ms < p.last_poll_ms.saturating_add(spacing_ms)
+                        || p.unapplied >= limit as usize
+                    {
+                        return;
+                    }
+                    let purpose = Purpose::Poll {
+                        peer,
+                        epoch: p.epoch,
+                        sent_ms: now_ms,
+                    };
+                    self.peers[peer].stream = Stream::Open {
+                        session,
+                        next_poll: next_poll + 1,
+                    };
+                    let request = Request::Heads {
+                        session,
+                        after: Vec::new(),
+                        poll: next_poll,
+                        limit,
+                        wait_ms,
+                    };
+                    (request, purpose)
+                }
+            };
+            let p = &mut self.peers[peer];
+            p.polls_out += 1;
+            p.last_poll_ms = now_ms;
+            out.push(self.send(peer, request, purpose));
+        }
+    }
+
+    /// Starts whatever is due: heads polls, anti-entropy rounds.
     fn schedule(&mut self, now_ms: u64, out: &mut Vec<Command>) {
         self.gc_schedule(now_ms, out);
         for peer in 0..self.peers.len() {
@@ -1201,7 +1442,7 @@ impl ReplicatorCore {
                 out.push(self.send(peer, request, purpose));
             }
             // Anti-entropy: urgent partitions first, then the periodic sweep. A round starts
-            // before the poll takes a slot: with a single slot, the poll (sent again as soon as
+            // before the polls take a slot: with a single slot, the poll (sent again as soon as
             // it is answered, then held by the peer) would otherwise keep it from ever starting.
             let p = &self.peers[peer];
             if matches!(p.round, Round::Idle) && p.in_flight < self.config.requests_in_flight_max {
@@ -1236,51 +1477,7 @@ impl ReplicatorCore {
                     );
                 }
             }
-            // Heads: a due poll keeps its slot, but goes out after the feed requests, so that
-            // the partitions they fetch are left out of it (`u64::MAX`) rather than sent twice.
-            let p = &self.peers[peer];
-            let heads_due = !p.heads_in_flight
-                && p.applying == 0
-                && p.next_heads_ms <= now_ms
-                && p.in_flight < self.config.requests_in_flight_max;
-            let feed_slots = self.config.requests_in_flight_max - usize::from(heads_due);
-            // Feed pages for partitions behind their head.
-            for partition in 0..self.config.partitions {
-                let p = &self.peers[peer];
-                if p.in_flight >= feed_slots {
-                    break;
-                }
-                let link = &p.links[usize::from(partition)];
-                if link.fetching || link.cursor >= link.head {
-                    continue;
-                }
-                let after = link.cursor;
-                self.peers[peer].links[usize::from(partition)].fetching = true;
-                out.push(self.send(
-                    peer,
-                    Request::Feed {
-                        partition,
-                        after,
-                        limit: self.config.feed_batch_max,
-                    },
-                    Purpose::Feed { peer, partition },
-                ));
-            }
-            if heads_due {
-                self.peers[peer].heads_in_flight = true;
-                self.peers[peer].next_heads_ms = now_ms + self.config.poll_interval_ms;
-                let after: Vec<u64> = self.peers[peer]
-                    .links
-                    .iter()
-                    .map(|l| if l.fetching { u64::MAX } else { l.cursor })
-                    .collect();
-                let request = Request::Heads {
-                    after: after.clone(),
-                    limit: self.config.feed_batch_max,
-                    wait_ms: u32::try_from(self.config.pull_wait_ms).unwrap_or(u32::MAX),
-                };
-                out.push(self.send(peer, request, Purpose::Heads { peer, after }));
-            }
+            self.send_polls(peer, now_ms, out);
         }
     }
 }

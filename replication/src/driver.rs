@@ -13,7 +13,7 @@ use geostate_backends::StateBackend;
 use tokio::sync::{mpsc, watch};
 
 use crate::core::{Command, CoreConfig, Event, ReplicatorCore, Stats};
-use crate::serve::{execute, serve, ServeLimits};
+use crate::serve::{execute, ServeLimits, Server};
 use crate::wire::{Request, Response};
 
 /// Carries requests to peers.
@@ -34,26 +34,37 @@ pub trait Transport: Send + Sync + 'static {
 const POLL_RECHECK_MS: u64 = 5;
 
 /// A transport between regions living in one process: each peer's requests are served from
-/// its store directly. For tests, examples and single-process deployments.
+/// its store directly, by one [`Server`] per region name (which keeps that name's poll
+/// sessions). For tests, examples and single-process deployments.
 #[derive(Debug)]
 pub struct InProcessTransport<B> {
-    peers: HashMap<String, Arc<B>>,
-    limits: ServeLimits,
+    peers: HashMap<String, Server<B>>,
 }
 
 impl<B: StateBackend> InProcessTransport<B> {
     /// A transport reaching the given `(region name, store)` pairs.
     pub fn new(peers: impl IntoIterator<Item = (String, Arc<B>)>) -> Self {
+        // Session ids start from the time, so that a puller still polling a session of an
+        // earlier transport is told it is unknown rather than served someone else's.
+        let base = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
         Self {
-            peers: peers.into_iter().collect(),
-            limits: ServeLimits::default(),
+            peers: peers
+                .into_iter()
+                .enumerate()
+                .map(|(i, (name, store))| {
+                    let first = base.wrapping_add((i as u64) << 48);
+                    (name, Server::new(store, ServeLimits::default(), first))
+                })
+                .collect(),
         }
     }
 }
 
 impl<B: StateBackend> Transport for InProcessTransport<B> {
     async fn request(&self, peer: &str, request: Request) -> Result<Response, String> {
-        let store = self
+        let server = self
             .peers
             .get(peer)
             .ok_or_else(|| format!("unknown peer {peer:?}"))?;
@@ -64,12 +75,13 @@ impl<B: StateBackend> Transport for InProcessTransport<B> {
         // A long poll with nothing new is held (re-checked every few milliseconds) until the
         // peer has something or the wait runs out.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+        let mut response = server.serve(&request).await;
         loop {
-            let response = serve(store.as_ref(), request.clone(), &self.limits).await;
             if !response.is_empty_poll() || tokio::time::Instant::now() >= deadline {
                 return Ok(response);
             }
             tokio::time::sleep(Duration::from_millis(POLL_RECHECK_MS)).await;
+            response = server.serve_held(&request).await;
         }
     }
 }

@@ -1,6 +1,25 @@
 //! The store-facing half of replication, shared by the async driver and the simulator:
-//! [`serve`] answers a peer's [`Request`] from the local store, and [`execute`] carries out a
+//! [`Server`] answers a peer's [`Request`] from the local store, and [`execute`] carries out a
 //! core's [`LocalOp`] on it.
+//!
+//! ## Poll sessions
+//! A puller keeps several long polls ([`Request::Heads`]) out to a peer at once, so that one
+//! is always waiting there when a write arrives. Polls sent before an answer came back carry
+//! no news about it, so the peer must remember what it already sent, or every waiting poll
+//! would ship the same entries again. It does so per *poll session*: the puller opens one
+//! with its cursors (the peer mints the session id and answers at once), then polls within it
+//! carrying only the id. The session records, per partition, how far the peer has sent the
+//! feed; each answer takes the entries after that and raises it. A session is soft state:
+//! lost (a restart) or forgotten (the table is bounded, least recently used first), it only
+//! makes the puller open a new one. Polls are numbered so that a poll delivered twice is
+//! answered once ([`Response::Duplicate`] for the copy).
+//!
+//! An answer can be lost after the session recorded it as sent. The puller notices (the
+//! poll times out, or a later page starts past what it received) and opens a new session at
+//! the cursors it holds, so nothing is skipped; see [`crate::core`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use geostate_backends::digest::value_hash;
 use geostate_backends::{BackendError, Key, StateBackend};
@@ -10,7 +29,7 @@ use geostate_crdt::Crdt;
 use crate::core::{LocalOp, LocalResult};
 use crate::wire::{Page, Request, Response, WireEntry};
 
-/// Bounds on what one request may ask of the serving store.
+/// Bounds on what one request may ask of the serving store, and on what it remembers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServeLimits {
     /// Most feed entries per answer.
@@ -19,6 +38,8 @@ pub struct ServeLimits {
     pub buckets_max: usize,
     /// Most keys per states request or push.
     pub keys_max: usize,
+    /// Most poll sessions remembered (the least recently used is forgotten first).
+    pub sessions_max: usize,
 }
 
 impl Default for ServeLimits {
@@ -27,8 +48,84 @@ impl Default for ServeLimits {
             feed_entries_max: 4_096,
             buckets_max: 4_096,
             keys_max: 4_096,
+            sessions_max: 256,
         }
     }
+}
+
+/// Poll numbers remembered per session to recognise duplicates; anything older counts as seen.
+const POLLS_SEEN_MAX: usize = 64;
+
+/// How many times an answer is recomputed when concurrent answers of the same session keep
+/// moving it; after that the poll is answered with nothing (it is held, or asked again).
+const ANSWER_ATTEMPTS_MAX: usize = 8;
+
+/// What the peer remembers of one poll session.
+#[derive(Debug)]
+struct Session {
+    /// Per partition: the feed up to here was sent, or the puller held it when opening.
+    sent: Vec<u64>,
+    /// Bumped whenever `sent` moves, so that an answer computed from an older `sent` (by a
+    /// concurrent poll of the same session) is computed again instead of repeating entries.
+    version: u64,
+    /// Poll numbers seen, above `polls_floor`.
+    polls_seen: BTreeSet<u64>,
+    polls_floor: u64,
+    /// For least-recently-used eviction.
+    touched: u64,
+}
+
+impl Session {
+    /// Records poll number `poll`; false if it was seen before (or is too old to tell).
+    fn first_sight(&mut self, poll: u64) -> bool {
+        if poll <= self.polls_floor || !self.polls_seen.insert(poll) {
+            return false;
+        }
+        while self.polls_seen.len() > POLLS_SEEN_MAX {
+            if let Some(oldest) = self.polls_seen.pop_first() {
+                self.polls_floor = oldest;
+            }
+        }
+        true
+    }
+}
+
+#[derive(Debug)]
+struct Sessions {
+    next_id: u64,
+    touches: u64,
+    table: BTreeMap<u64, Session>,
+}
+
+/// The serving half of one region: answers its peers' requests from its store and keeps
+/// their poll sessions (see the [module docs](self)). Cheap to share: `&self` methods, one
+/// short lock around the session table (never held across a store call).
+///
+/// ```
+/// use std::sync::Arc;
+/// use geostate_backends::{Layout, MemoryBackend};
+/// use geostate_replication::serve::{Server, ServeLimits};
+/// use geostate_replication::wire::{Request, Response};
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let store = Arc::new(MemoryBackend::new(Layout::new(2, 2, 1 << 20, 100).unwrap()));
+/// let server = Server::new(store, ServeLimits::default(), 1);
+/// // Opening a session at cursors (0, 0): answered at once, with the new session's id.
+/// let open = Request::Heads { session: 0, after: vec![0, 0], poll: 0, limit: 10, wait_ms: 0 };
+/// let Response::Opened { session, pages } = server.serve(&open).await else { panic!() };
+/// assert!(pages.is_empty());
+/// // A poll in the session, with nothing new: a runtime may hold it and ask again later.
+/// let poll = Request::Heads { session, after: vec![], poll: 1, limit: 10, wait_ms: 500 };
+/// assert!(server.serve(&poll).await.is_empty_poll());
+/// assert!(server.serve_held(&poll).await.is_empty_poll());
+/// // The same poll delivered twice.
+/// assert_eq!(server.serve(&poll).await, Response::Duplicate);
+/// # });
+/// ```
+#[derive(Debug)]
+pub struct Server<B> {
+    backend: Arc<B>,
+    limits: ServeLimits,
+    sessions: Mutex<Sessions>,
 }
 
 fn failed(e: impl std::fmt::Display) -> Response {
@@ -58,156 +155,302 @@ fn wire_entries(
         .collect()
 }
 
-/// Answers a peer's request from `backend`. Store failures become [`Response::Failed`]; the
-/// peer retries later.
-pub async fn serve<B: StateBackend>(
-    backend: &B,
-    request: Request,
-    limits: &ServeLimits,
-) -> Response {
-    match serve_inner(backend, request, limits).await {
-        Ok(r) => r,
-        Err(e) => failed(e),
+impl<B: StateBackend> Server<B> {
+    /// A server answering from `backend`. Session ids are minted from `first_session` on
+    /// (0 is skipped); a runtime that restarts its server should start elsewhere (from the
+    /// time, say), so that a puller still polling a session of the previous incarnation is
+    /// told it is unknown rather than served another puller's session. (Even then nothing is
+    /// lost: the puller notices pages that do not follow what it holds and opens a session.)
+    pub fn new(backend: Arc<B>, limits: ServeLimits, first_session: u64) -> Self {
+        Self {
+            backend,
+            limits,
+            sessions: Mutex::new(Sessions {
+                next_id: first_session,
+                touches: 0,
+                table: BTreeMap::new(),
+            }),
+        }
     }
-}
 
-async fn serve_inner<B: StateBackend>(
-    backend: &B,
-    request: Request,
-    limits: &ServeLimits,
-) -> Result<Response, BackendError> {
-    Ok(match request {
-        Request::Heads { after, limit, .. } => {
-            let partitions = backend.layout().partitions();
-            let mut last_seqs = Vec::with_capacity(usize::from(partitions));
-            for partition in 0..partitions {
-                last_seqs.push(backend.read_feed(partition, u64::MAX, 1).await?.last_seq);
+    /// The store answered from.
+    pub fn backend(&self) -> &Arc<B> {
+        &self.backend
+    }
+
+    /// How many poll sessions are remembered.
+    pub fn sessions(&self) -> usize {
+        self.lock().table.len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Sessions> {
+        // The table stays consistent at every step, so a panic elsewhere leaves it usable.
+        self.sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Answers a request as it arrives. Store failures become [`Response::Failed`]; the peer
+    /// retries later. A poll answered with nothing new ([`Response::is_empty_poll`]) may be
+    /// held and asked again with [`Server::serve_held`].
+    pub async fn serve(&self, request: &Request) -> Response {
+        match self.serve_inner(request, true).await {
+            Ok(r) => r,
+            Err(e) => failed(e),
+        }
+    }
+
+    /// Answers again a poll that [`Server::serve`] answered with nothing new and the runtime
+    /// held (on a local write, or when its wait is over). The same as `serve` except that the
+    /// poll is not taken for a duplicate of itself.
+    pub async fn serve_held(&self, request: &Request) -> Response {
+        match self.serve_inner(request, false).await {
+            Ok(r) => r,
+            Err(e) => failed(e),
+        }
+    }
+
+    async fn serve_inner(&self, request: &Request, first: bool) -> Result<Response, BackendError> {
+        let backend = self.backend.as_ref();
+        let limits = &self.limits;
+        Ok(match request {
+            Request::Heads {
+                session,
+                after,
+                poll,
+                limit,
+                ..
+            } => self.heads(*session, after, *poll, *limit, first).await?,
+            Request::Feed {
+                partition,
+                after,
+                limit,
+            } => {
+                let limit = (*limit).clamp(1, limits.feed_entries_max);
+                let page = backend
+                    .read_feed(*partition, *after, limit as usize)
+                    .await?;
+                let entries = wire_entries(page.entries)?;
+                Response::Feed {
+                    entries,
+                    first_seq: page.first_seq,
+                    last_seq: page.last_seq,
+                }
             }
-            let mut pages = Vec::new();
-            if !after.is_empty() {
-                let mut budget = limit.clamp(1, limits.feed_entries_max) as usize;
-                // Start at a partition derived from the cursors so a heavy partition cannot
-                // keep the others out of every page.
-                let start = (after.iter().fold(0u64, |a, c| a.wrapping_add(*c))
-                    % u64::from(partitions.max(1))) as u16;
-                for i in 0..partitions {
-                    if budget == 0 {
-                        break;
-                    }
-                    let partition = (start + i) % partitions;
-                    let cursor = after
-                        .get(usize::from(partition))
-                        .copied()
-                        .unwrap_or(u64::MAX);
-                    if cursor >= last_seqs[usize::from(partition)] {
-                        continue;
-                    }
-                    let page = backend.read_feed(partition, cursor, budget).await?;
-                    budget = budget.saturating_sub(page.entries.len());
-                    pages.push(Page {
-                        partition,
-                        entries: wire_entries(page.entries)?,
-                        first_seq: page.first_seq,
-                        last_seq: page.last_seq,
+            Request::Digest { partition } => Response::Digest {
+                buckets: backend.digest(*partition).await?.buckets().to_vec(),
+            },
+            Request::Buckets { partition, buckets } => {
+                if buckets.len() > limits.buckets_max {
+                    return Ok(failed("too many buckets in one request"));
+                }
+                Response::Buckets {
+                    entries: bucket_entries(backend, *partition, buckets.clone()).await?,
+                }
+            }
+            Request::States { keys } => {
+                if keys.len() > limits.keys_max {
+                    return Ok(failed("too many keys in one request"));
+                }
+                Response::States {
+                    states: states(backend, keys.clone()).await?,
+                }
+            }
+            Request::Push { states } => {
+                if states.len() > limits.keys_max {
+                    return Ok(failed("too many states in one push"));
+                }
+                merge_states(backend, states.clone()).await?;
+                Response::Pushed
+            }
+            Request::Stability {
+                partition,
+                keys,
+                origins,
+            } => {
+                if keys.len() > limits.keys_max || origins.len() > limits.keys_max {
+                    return Ok(failed("too many keys or origins in one request"));
+                }
+                let parsed: Vec<Key> = keys.iter().map(Key::new).collect::<Result<_, _>>()?;
+                let mut hashes = Vec::with_capacity(parsed.len());
+                for value in backend.get_many(&parsed).await? {
+                    hashes.push(match value {
+                        Ok(Some(stored)) => Some(value_hash(&stored.value)?),
+                        Ok(None) | Err(_) => None,
                     });
                 }
-            }
-            // With cursors, each page carries its partition's head: the full list would cost
-            // 8 bytes a partition on every poll.
-            let last_seqs = if after.is_empty() {
-                last_seqs
-            } else {
-                Vec::new()
-            };
-            Response::Heads { last_seqs, pages }
-        }
-        Request::Feed {
-            partition,
-            after,
-            limit,
-        } => {
-            let limit = limit.clamp(1, limits.feed_entries_max);
-            let page = backend.read_feed(partition, after, limit as usize).await?;
-            let entries = wire_entries(page.entries)?;
-            Response::Feed {
-                entries,
-                first_seq: page.first_seq,
-                last_seq: page.last_seq,
-            }
-        }
-        Request::Digest { partition } => Response::Digest {
-            buckets: backend.digest(partition).await?.buckets().to_vec(),
-        },
-        Request::Buckets { partition, buckets } => {
-            if buckets.len() > limits.buckets_max {
-                return Ok(failed("too many buckets in one request"));
-            }
-            Response::Buckets {
-                entries: bucket_entries(backend, partition, buckets).await?,
-            }
-        }
-        Request::States { keys } => {
-            if keys.len() > limits.keys_max {
-                return Ok(failed("too many keys in one request"));
-            }
-            Response::States {
-                states: states(backend, keys).await?,
-            }
-        }
-        Request::Push { states } => {
-            if states.len() > limits.keys_max {
-                return Ok(failed("too many states in one push"));
-            }
-            merge_states(backend, states).await?;
-            Response::Pushed
-        }
-        Request::Stability {
-            partition,
-            keys,
-            origins,
-        } => {
-            if keys.len() > limits.keys_max || origins.len() > limits.keys_max {
-                return Ok(failed("too many keys or origins in one request"));
-            }
-            let parsed: Vec<Key> = keys.iter().map(Key::new).collect::<Result<_, _>>()?;
-            let mut hashes = Vec::with_capacity(parsed.len());
-            for value in backend.get_many(&parsed).await? {
-                hashes.push(match value {
-                    Ok(Some(stored)) => Some(value_hash(&stored.value)?),
-                    Ok(None) | Err(_) => None,
-                });
-            }
-            let head = backend.read_feed(partition, u64::MAX, 1).await?.last_seq;
-            let mut cursors = Vec::with_capacity(origins.len());
-            for origin in &origins {
-                cursors.push(backend.cursor(origin, partition).await?);
-            }
-            Response::Stability {
-                hashes,
-                head,
-                cursors,
-            }
-        }
-        Request::Purge { keys } => {
-            if keys.len() > limits.keys_max {
-                return Ok(failed("too many keys in one purge"));
-            }
-            let mut count = 0u32;
-            for (key, hash) in keys {
-                let key = Key::new(key)?;
-                let Some(stored) = backend.get(&key).await.ok().flatten() else {
-                    continue;
-                };
-                if stored.value.is_bottom()
-                    && value_hash(&stored.value)? == hash
-                    && backend.purge(&key, stored.version).await?
-                {
-                    count += 1;
+                // Read after the hashes: a peer that held the tombstone had minted every dot
+                // of its own in it before this head.
+                let head = backend.read_feed(*partition, u64::MAX, 1).await?.last_seq;
+                let mut cursors = Vec::with_capacity(origins.len());
+                for origin in origins {
+                    cursors.push(backend.cursor(origin, *partition).await?);
+                }
+                Response::Stability {
+                    hashes,
+                    head,
+                    cursors,
                 }
             }
-            Response::Purged { count }
+            Request::Purge { keys } => {
+                if keys.len() > limits.keys_max {
+                    return Ok(failed("too many keys in one purge"));
+                }
+                let mut count = 0u32;
+                for (key, hash) in keys {
+                    let key = Key::new(key.as_str())?;
+                    let Some(stored) = backend.get(&key).await.ok().flatten() else {
+                        continue;
+                    };
+                    if stored.value.is_bottom()
+                        && value_hash(&stored.value)? == *hash
+                        && backend.purge(&key, stored.version).await?
+                    {
+                        count += 1;
+                    }
+                }
+                Response::Purged { count }
+            }
+        })
+    }
+
+    /// Opens a session (`session == 0`) or continues one, and answers with the entries it has
+    /// not sent yet.
+    async fn heads(
+        &self,
+        session: u64,
+        after: &[u64],
+        poll: u64,
+        limit: u32,
+        first: bool,
+    ) -> Result<Response, BackendError> {
+        let partitions = usize::from(self.backend.layout().partitions());
+        let id = if session == 0 {
+            let mut sessions = self.lock();
+            let mut id = sessions.next_id;
+            if id == 0 {
+                id = 1;
+            }
+            sessions.next_id = id.wrapping_add(1);
+            sessions.touches += 1;
+            let touched = sessions.touches;
+            let sent = (0..partitions)
+                .map(|p| after.get(p).copied().unwrap_or(u64::MAX))
+                .collect();
+            sessions.table.insert(
+                id,
+                Session {
+                    sent,
+                    version: 0,
+                    polls_seen: BTreeSet::new(),
+                    polls_floor: 0,
+                    touched,
+                },
+            );
+            while sessions.table.len() > self.limits.sessions_max.max(1) {
+                let oldest = sessions
+                    .table
+                    .iter()
+                    .min_by_key(|(_, s)| s.touched)
+                    .map(|(id, _)| *id);
+                if let Some(oldest) = oldest {
+                    sessions.table.remove(&oldest);
+                }
+            }
+            id
+        } else {
+            let mut sessions = self.lock();
+            sessions.touches += 1;
+            let touched = sessions.touches;
+            let Some(s) = sessions.table.get_mut(&session) else {
+                return Ok(Response::UnknownSession);
+            };
+            s.touched = touched;
+            if first && !s.first_sight(poll) {
+                return Ok(Response::Duplicate);
+            }
+            session
+        };
+        let budget = limit.clamp(1, self.limits.feed_entries_max) as usize;
+        for _ in 0..ANSWER_ATTEMPTS_MAX {
+            let Some((mut sent, version)) = self
+                .lock()
+                .table
+                .get(&id)
+                .map(|s| (s.sent.clone(), s.version))
+            else {
+                return Ok(Response::UnknownSession);
+            };
+            let pages = self.pages(&mut sent, budget).await?;
+            let mut sessions = self.lock();
+            let Some(s) = sessions.table.get_mut(&id) else {
+                return Ok(Response::UnknownSession);
+            };
+            if s.version != version {
+                // Another answer of this session moved it meanwhile: start again from there.
+                continue;
+            }
+            if !pages.is_empty() {
+                s.sent = sent;
+                s.version += 1;
+            }
+            return Ok(if session == 0 {
+                Response::Opened { session: id, pages }
+            } else {
+                Response::Heads { pages }
+            });
         }
-    })
+        Ok(if session == 0 {
+            Response::Opened {
+                session: id,
+                pages: Vec::new(),
+            }
+        } else {
+            Response::Heads { pages: Vec::new() }
+        })
+    }
+
+    /// Pages of the entries after `sent`, at most `budget` in all; raises `sent` past them.
+    async fn pages(&self, sent: &mut [u64], budget: usize) -> Result<Vec<Page>, BackendError> {
+        let partitions = sent.len();
+        let mut budget = budget;
+        let mut pages = Vec::new();
+        // Start at a partition derived from the session's progress, so that a heavy partition
+        // cannot keep the others out of every page.
+        let start =
+            (sent.iter().fold(0u64, |a, c| a.wrapping_add(*c)) % partitions.max(1) as u64) as usize;
+        for i in 0..partitions {
+            if budget == 0 {
+                break;
+            }
+            let index = (start + i) % partitions;
+            let cursor = sent[index];
+            if cursor == u64::MAX {
+                continue;
+            }
+            let partition = u16::try_from(index)
+                .map_err(|_| BackendError::InvalidArgument("too many partitions".into()))?;
+            let page = self.backend.read_feed(partition, cursor, budget).await?;
+            if page.last_seq <= cursor {
+                continue;
+            }
+            // Entries after the cursor, or none if the feed was trimmed past it (the page
+            // then tells the puller where the feed resumes).
+            sent[index] = page
+                .entries
+                .last()
+                .map_or(page.first_seq.saturating_sub(1), |e| e.seq)
+                .max(cursor);
+            budget = budget.saturating_sub(page.entries.len());
+            pages.push(Page {
+                partition,
+                entries: wire_entries(page.entries)?,
+                first_seq: page.first_seq,
+                last_seq: page.last_seq,
+            });
+        }
+        Ok(pages)
+    }
 }
 
 /// `(key, value hash)` of the keys in `buckets` of `partition`, in key order.

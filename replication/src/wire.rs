@@ -9,24 +9,32 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Request {
-    /// The newest feed sequence number of every partition, and the feed entries after the
-    /// puller's cursors (a long poll: with nothing new, the peer may hold the request for up
-    /// to `wait_ms` and answer as soon as a local write arrives).
+    /// A long poll in a *poll session* (see [`crate::serve::Server`]): the peer remembers, per
+    /// session, how far it has sent each partition's feed, and answers with the entries after
+    /// that. With nothing new it may hold the poll for up to `wait_ms` and answer as soon as a
+    /// local write arrives. A puller keeps several polls of one session out at once, so one is
+    /// always waiting at the peer; the session keeps their answers from repeating each other.
     Heads {
-        /// The puller's cursor per partition (`u64::MAX`: send nothing for that partition);
-        /// empty: heads only.
+        /// The session to continue; 0 opens a new one that starts at `after`.
+        session: u64,
+        /// Opening: the puller's cursor per partition (`u64::MAX`: nothing wanted from that
+        /// partition). Continuing: empty (ignored).
         after: Vec<u64>,
+        /// The poll's number in its session (1, 2, ...; 0 when opening). A number seen
+        /// before is answered with [`Response::Duplicate`].
+        poll: u64,
         /// Most entries in all pages together.
         limit: u32,
-        /// How long the peer may hold the request when there is nothing new.
+        /// How long the peer may hold the poll when there is nothing new. An opening poll
+        /// carries 0: it is answered at once.
         wait_ms: u32,
     },
-    /// Feed entries of `partition` after `after`, at most `limit`.
+    /// Feed entries of `partition` after `after`, at most `limit`: a one-off read outside any
+    /// session (for tools and tests; the core pulls with [`Request::Heads`]).
     Feed {
         /// The partition.
         partition: u16,
-        /// The puller's cursor: everything up to it has been applied (this doubles as the
-        /// puller's acknowledgement to the peer).
+        /// Entries after this sequence number are wanted.
         after: u64,
         /// Most entries wanted.
         limit: u32,
@@ -86,7 +94,7 @@ pub struct WireEntry {
     pub hlc: Hlc,
 }
 
-/// Feed entries of one partition, as part of a [`Response::Heads`].
+/// Feed entries of one partition, as part of a [`Response::Heads`] or [`Response::Opened`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Page {
     /// The partition.
@@ -103,13 +111,26 @@ pub struct Page {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Response {
-    /// Newest feed sequence number per partition, and pages of entries after the cursors.
+    /// The answer to a poll within a session: pages of the entries the session had not sent
+    /// yet (none: nothing new).
     Heads {
-        /// One per partition.
-        last_seqs: Vec<u64>,
-        /// Pages for partitions with entries after the puller's cursor (or a gap).
+        /// Pages for partitions with entries the session had not sent (or a gap).
         pages: Vec<Page>,
     },
+    /// The answer to a poll opening a session: the session's id, and pages of the entries
+    /// after the poll's cursors.
+    Opened {
+        /// The session's id, for the polls that follow.
+        session: u64,
+        /// Pages for partitions with entries after the cursors (or a gap).
+        pages: Vec<Page>,
+    },
+    /// The peer does not know the session polled (it restarted, or forgot an idle session):
+    /// the puller must open a new one.
+    UnknownSession,
+    /// The poll's number was seen before in its session (the network delivered it twice):
+    /// the first copy is, or was, answered; this answer carries nothing.
+    Duplicate,
     /// A page of a partition's feed.
     Feed {
         /// Entries after the requested cursor, in order.
@@ -162,8 +183,14 @@ impl Request {
     /// Approximate size on the wire, in bytes (for accounting; no encoding is done).
     pub fn wire_bytes(&self) -> usize {
         1 + match self {
-            Request::Heads { after, .. } => {
-                2 + after.iter().map(|c| varint_len(*c)).sum::<usize>() + 8
+            Request::Heads { after, poll, .. } => {
+                8 + varint_len(*poll)
+                    + 8
+                    + if after.is_empty() {
+                        0
+                    } else {
+                        2 + after.iter().map(|c| varint_len(*c)).sum::<usize>()
+                    }
             }
             Request::Feed { .. } => 2 + 8 + 4,
             Request::Digest { .. } => 2,
@@ -202,23 +229,26 @@ fn entries_bytes(entries: &[WireEntry]) -> usize {
         .sum()
 }
 
+fn pages_bytes(pages: &[Page]) -> usize {
+    2 + pages
+        .iter()
+        .map(|p| 2 + 16 + entries_bytes(&p.entries))
+        .sum::<usize>()
+}
+
 impl Response {
     /// Whether this is a long-poll answer with nothing new in it: a runtime may hold the
-    /// request (up to its `wait_ms`) and answer again once local writes arrive.
+    /// request (up to its `wait_ms`) and answer again once local writes arrive (with
+    /// [`crate::serve::Server::serve_held`]).
     pub fn is_empty_poll(&self) -> bool {
-        matches!(self, Response::Heads { pages, .. } if pages.is_empty())
+        matches!(self, Response::Heads { pages } if pages.is_empty())
     }
 
     /// Approximate size on the wire, in bytes (for accounting; no encoding is done).
     pub fn wire_bytes(&self) -> usize {
         1 + match self {
-            Response::Heads { last_seqs, pages } => {
-                2 + 8 * last_seqs.len()
-                    + pages
-                        .iter()
-                        .map(|p| 2 + 16 + entries_bytes(&p.entries))
-                        .sum::<usize>()
-            }
+            Response::Heads { pages } => pages_bytes(pages),
+            Response::Opened { pages, .. } => 8 + pages_bytes(pages),
             Response::Feed { entries, .. } => 16 + entries_bytes(entries),
             Response::Digest { buckets } => 2 + 8 * buckets.len(),
             Response::Buckets { entries } => {
@@ -230,7 +260,7 @@ impl Response {
                     .map(|(k, v)| 2 + k.len() + 4 + v.as_ref().map_or(0, Vec::len))
                     .sum::<usize>()
             }
-            Response::Pushed => 0,
+            Response::Pushed | Response::UnknownSession | Response::Duplicate => 0,
             Response::Stability {
                 hashes, cursors, ..
             } => 4 + 9 * hashes.len() + 8 + 8 * cursors.len(),

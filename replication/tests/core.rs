@@ -1,13 +1,19 @@
-//! The pure replicator core, driven by hand: events in, commands out. No async, no store.
+//! The pure replicator core, driven by hand: events in, commands out. No async; the store and
+//! the peers are played by the tests (and, in one section, by a real [`Server`] over the
+//! memory store).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 
-use geostate_crdt::{ActorId, Hlc};
+use geostate_backends::{Expect, Key, Layout, LocalWrite, MemoryBackend, StateBackend};
+use geostate_crdt::{ActorId, CounterOp, Hlc, Op};
 use geostate_replication::core::{
     Command, CommandId, CoreConfig, Event, LocalOp, LocalResult, PeerId, ReplicatorCore,
 };
+use geostate_replication::serve::{execute, ServeLimits, Server};
 use geostate_replication::wire::{Page, Request, Response, WireEntry};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, FileFailurePersistence, RngSeed};
@@ -16,13 +22,13 @@ use proptest::test_runner::{Config as ProptestConfig, FileFailurePersistence, Rn
 // Harness
 // ---------------------------------------------------------------------------------------------
 
-/// Four partitions, small limits, and no periodic sweep (tests that want one ask for it). A
-/// peer may hold a poll for 500 ms, so a poll times out after 1.5 s and any other request
-/// after 1 s.
+/// Four partitions, small limits, one poll out per peer, and no periodic sweep (tests that
+/// want more polls or a sweep ask for them). A peer may hold a poll for 500 ms, so a poll
+/// times out after 1.5 s and any other request (an opening poll too) after 1 s.
 fn config() -> CoreConfig {
     CoreConfig {
         partitions: 4,
-        poll_interval_ms: 100,
+        polls_per_peer: 1,
         pull_wait_ms: 500,
         feed_batch_max: 10,
         requests_in_flight_max: 4,
@@ -38,24 +44,38 @@ fn config() -> CoreConfig {
     }
 }
 
-/// A heads poll the core has out.
+/// [`config`] with `polls` polls out per peer.
+fn pipelined(polls: usize) -> CoreConfig {
+    CoreConfig {
+        polls_per_peer: polls,
+        ..config()
+    }
+}
+
+/// A heads poll the core has out (an opening poll has session 0).
 #[derive(Clone, Debug)]
 struct PollOut {
     id: CommandId,
+    peer: PeerId,
+    session: u64,
     sent_ms: u64,
     wait_ms: u64,
 }
 
-/// A core, the local time the test has reached, and the poll the core has out to each peer.
+/// A core, the local time the test has reached, the polls it has out, and the sessions the
+/// test (playing the peers) opened.
 struct Harness {
     core: ReplicatorCore,
     config: CoreConfig,
     now_ms: u64,
-    /// The poll out to each peer: recorded from the core's commands, forgotten when answered,
+    /// Polls out, oldest first: recorded from the core's commands, forgotten when answered,
     /// timed out (as the core does) or lost in a restart.
-    polls_out: BTreeMap<PeerId, PollOut>,
+    polls_out: Vec<PollOut>,
     /// Peers that never answer a poll in [`Harness::run`].
     silent: BTreeSet<PeerId>,
+    /// The newest session opened with each peer.
+    sessions: BTreeMap<PeerId, u64>,
+    next_session: u64,
 }
 
 fn peer_names(peers: usize) -> Vec<String> {
@@ -68,16 +88,27 @@ impl Harness {
             core: ReplicatorCore::new(config.clone(), "self", &peer_names(peers)),
             config,
             now_ms: 0,
-            polls_out: BTreeMap::new(),
+            polls_out: Vec::new(),
             silent: BTreeSet::new(),
+            sessions: BTreeMap::new(),
+            next_session: 100,
         }
     }
 
-    /// Starts the core and answers its cursor load with `cursors`; returns what followed.
+    /// Starts the core and answers its cursor load with `cursors`; returns what followed
+    /// (the opening polls).
     fn started(config: CoreConfig, cursors: Vec<Vec<u64>>) -> (Self, Vec<Command>) {
         let mut h = Self::new(config, cursors.len());
         let commands = h.load(cursors);
         (h, commands)
+    }
+
+    /// [`Harness::started`], with every opening poll answered at once (a new session, no
+    /// pages); returns what followed (the first polls of each session).
+    fn opened(config: CoreConfig, cursors: Vec<Vec<u64>>) -> (Self, Vec<Command>) {
+        let (mut h, _) = Self::started(config, cursors);
+        let out = h.open_all();
+        (h, out)
     }
 
     /// Sends `Start` and answers the cursor load with `cursors`.
@@ -90,8 +121,17 @@ impl Harness {
         self.local(id, LocalResult::Cursors(cursors))
     }
 
-    /// Feeds one event to the core, keeping track of its polls: never a second one to a peer
-    /// while one is out.
+    /// How many polls of one session may be out to a peer.
+    fn polls_max(&self) -> usize {
+        let max = self.config.requests_in_flight_max;
+        self.config
+            .polls_per_peer
+            .min(if max > 1 { max - 1 } else { max })
+            .max(1)
+    }
+
+    /// Feeds one event to the core, keeping track of its polls: never more than
+    /// [`Harness::polls_max`] of the newest session out to a peer.
     fn handle(&mut self, event: Event) -> Vec<Command> {
         let now = self.now_ms;
         let timeout = self.config.request_timeout_ms;
@@ -99,24 +139,32 @@ impl Harness {
             Event::Start => self.polls_out.clear(),
             Event::Tick => self
                 .polls_out
-                .retain(|_, p| p.sent_ms + p.wait_ms + timeout > now),
-            Event::Remote { id, .. } => self.polls_out.retain(|_, p| p.id != *id),
+                .retain(|p| p.sent_ms + p.wait_ms + timeout > now),
+            // A duplicate's answer leaves a poll out; anything else answers it.
+            Event::Remote { id, result } => self.polls_out.retain(|p| {
+                p.id != *id || (p.session != 0 && matches!(result, Ok(Response::Duplicate)))
+            }),
             _ => {}
         }
         let commands = self.core.handle(now, event);
         for p in polls(&commands) {
+            self.polls_out.push(PollOut {
+                id: p.id,
+                peer: p.peer,
+                session: p.session,
+                sent_ms: now,
+                wait_ms: u64::from(p.wait_ms),
+            });
+        }
+        for (peer, session) in &self.sessions {
+            let n = self
+                .polls_out
+                .iter()
+                .filter(|p| p.peer == *peer && p.session == *session)
+                .count();
             assert!(
-                !self.polls_out.contains_key(&p.peer),
-                "a second poll to peer {} while one is out: {commands:?}",
-                p.peer
-            );
-            self.polls_out.insert(
-                p.peer,
-                PollOut {
-                    id: p.id,
-                    sent_ms: now,
-                    wait_ms: u64::from(p.wait_ms),
-                },
+                n <= self.polls_max(),
+                "{n} polls of session {session} out to peer {peer}: {commands:?}"
             );
         }
         commands
@@ -128,22 +176,26 @@ impl Harness {
         self.handle(Event::Tick)
     }
 
-    /// Lets `ms` pass with quiet peers: each holds a poll for its wait and then answers it
-    /// with nothing new (peers in `silent` never answer). Returns every command that came out.
+    /// Lets `ms` pass with quiet peers: each answers an opening poll at once (a new session)
+    /// and holds a poll for its wait, then answers it with nothing new (peers in `silent`
+    /// never answer). Returns every command that came out.
     fn run(&mut self, ms: u64) -> Vec<Command> {
         let end = self.now_ms + ms;
         let mut out = Vec::new();
         loop {
-            let due: Vec<CommandId> = self
+            let due: Vec<PollOut> = self
                 .polls_out
                 .iter()
-                .filter(|(peer, p)| {
-                    !self.silent.contains(peer) && p.sent_ms + p.wait_ms <= self.now_ms
-                })
-                .map(|(_, p)| p.id)
+                .filter(|p| !self.silent.contains(&p.peer) && p.sent_ms + p.wait_ms <= self.now_ms)
+                .cloned()
                 .collect();
-            for id in due {
-                out.extend(self.answer(id, nothing_new()));
+            for p in due {
+                if p.session == 0 {
+                    let session = self.mint(p.peer);
+                    out.extend(self.answer(p.id, opened(session, Vec::new())));
+                } else {
+                    out.extend(self.answer(p.id, heads(Vec::new())));
+                }
             }
             if self.now_ms >= end {
                 return out;
@@ -151,14 +203,26 @@ impl Harness {
             let next = self
                 .polls_out
                 .iter()
-                .filter(|(peer, _)| !self.silent.contains(peer))
-                .map(|(_, p)| p.sent_ms + p.wait_ms)
+                .filter(|p| !self.silent.contains(&p.peer))
+                .map(|p| p.sent_ms + p.wait_ms)
                 .filter(|t| *t > self.now_ms)
                 .min()
                 .unwrap_or(end)
                 .min(end);
             out.extend(self.tick(next - self.now_ms));
         }
+    }
+
+    /// A new session id for `peer`.
+    fn mint(&mut self, peer: PeerId) -> u64 {
+        self.next_session += 1;
+        self.sessions.insert(peer, self.next_session);
+        self.next_session
+    }
+
+    /// The newest session opened with `peer`.
+    fn session(&self, peer: PeerId) -> u64 {
+        self.sessions[&peer]
     }
 
     fn answer(&mut self, id: CommandId, response: Response) -> Vec<Command> {
@@ -182,22 +246,59 @@ impl Harness {
         })
     }
 
-    /// Answers the poll out to `peer` with `response`; returns what followed.
-    fn answer_poll(&mut self, peer: PeerId, response: Response) -> Vec<Command> {
-        let Some(poll) = self.polls_out.get(&peer) else {
-            panic!("no poll out to peer {peer}")
-        };
-        self.answer(poll.id, response)
+    fn local_failed(&mut self, id: CommandId) -> Vec<Command> {
+        self.handle(Event::Local {
+            id,
+            result: Err("disk full".into()),
+        })
     }
 
-    /// Answers every poll out with [`heads_only`]`(last_seqs)`; returns what followed.
-    fn answer_polls(&mut self, last_seqs: &[u64]) -> Vec<Command> {
-        let peers: Vec<PeerId> = self.polls_out.keys().copied().collect();
+    /// The opening poll out to `peer`.
+    fn open_out(&self, peer: PeerId) -> PollOut {
+        self.polls_out
+            .iter()
+            .find(|p| p.peer == peer && p.session == 0)
+            .cloned()
+            .unwrap_or_else(|| panic!("no opening poll out to peer {peer}"))
+    }
+
+    /// The polls (not opening) out to `peer`, oldest first.
+    fn polls_to(&self, peer: PeerId) -> Vec<PollOut> {
+        self.polls_out
+            .iter()
+            .filter(|p| p.peer == peer && p.session != 0)
+            .cloned()
+            .collect()
+    }
+
+    /// Answers the opening poll out to `peer`: a new session, with `pages`.
+    fn answer_open(&mut self, peer: PeerId, pages: Vec<Page>) -> Vec<Command> {
+        let open = self.open_out(peer);
+        let session = self.mint(peer);
+        self.answer(open.id, opened(session, pages))
+    }
+
+    /// Answers every opening poll out: a new session each, no pages.
+    fn open_all(&mut self) -> Vec<Command> {
+        let peers: Vec<PeerId> = self
+            .polls_out
+            .iter()
+            .filter(|p| p.session == 0)
+            .map(|p| p.peer)
+            .collect();
         let mut out = Vec::new();
         for peer in peers {
-            out.extend(self.answer_poll(peer, heads_only(last_seqs)));
+            out.extend(self.answer_open(peer, Vec::new()));
         }
         out
+    }
+
+    /// Answers the oldest poll out to `peer` with `pages`, in its session.
+    fn answer_poll(&mut self, peer: PeerId, pages: Vec<Page>) -> Vec<Command> {
+        let Some(poll) = self.polls_to(peer).first().cloned() else {
+            panic!("no poll out to peer {peer}")
+        };
+        self.answer(poll.id, heads(pages))
     }
 }
 
@@ -226,28 +327,43 @@ fn locals(commands: &[Command]) -> Vec<(CommandId, LocalOp)> {
 struct Poll {
     id: CommandId,
     peer: PeerId,
+    session: u64,
     after: Vec<u64>,
+    poll: u64,
     limit: u32,
     wait_ms: u32,
 }
 
+/// Every heads poll in `commands` (opening ones included).
 fn polls(commands: &[Command]) -> Vec<Poll> {
     sends(commands)
         .into_iter()
         .filter_map(|(id, peer, r)| match r {
             Request::Heads {
+                session,
                 after,
+                poll,
                 limit,
                 wait_ms,
             } => Some(Poll {
                 id,
                 peer,
+                session,
                 after,
+                poll,
                 limit,
                 wait_ms,
             }),
             _ => None,
         })
+        .collect()
+}
+
+/// The opening polls in `commands`.
+fn opens(commands: &[Command]) -> Vec<Poll> {
+    polls(commands)
+        .into_iter()
+        .filter(|p| p.session == 0)
         .collect()
 }
 
@@ -255,36 +371,6 @@ fn polls(commands: &[Command]) -> Vec<Poll> {
 fn only<T: std::fmt::Debug>(mut v: Vec<T>) -> T {
     assert_eq!(v.len(), 1, "expected exactly one: {v:?}");
     v.remove(0)
-}
-
-/// A feed request, unpacked.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct FeedReq {
-    id: CommandId,
-    peer: PeerId,
-    partition: u16,
-    after: u64,
-    limit: u32,
-}
-
-fn feeds(commands: &[Command]) -> Vec<FeedReq> {
-    sends(commands)
-        .into_iter()
-        .filter_map(|(id, peer, r)| match r {
-            Request::Feed {
-                partition,
-                after,
-                limit,
-            } => Some(FeedReq {
-                id,
-                peer,
-                partition,
-                after,
-                limit,
-            }),
-            _ => None,
-        })
-        .collect()
 }
 
 /// An applied feed page, unpacked.
@@ -318,6 +404,16 @@ fn applies(commands: &[Command]) -> Vec<Apply> {
         .collect()
 }
 
+/// `(peer, partition, seqs, advance_to)` of each apply, sorted.
+fn applied(commands: &[Command]) -> Vec<(PeerId, u16, Vec<u64>, u64)> {
+    let mut got: Vec<_> = applies(commands)
+        .into_iter()
+        .map(|a| (a.peer, a.partition, a.seqs, a.advance_to))
+        .collect();
+    got.sort();
+    got
+}
+
 /// Whether `commands` hold any anti-entropy work (remote or local).
 fn has_ae(commands: &[Command]) -> bool {
     sends(commands).iter().any(|(_, _, r)| {
@@ -349,15 +445,6 @@ fn entry(seq: u64, hlc_ms: u64) -> WireEntry {
     }
 }
 
-/// An answer to a feed request.
-fn page(seqs: RangeInclusive<u64>, first_seq: u64, last_seq: u64) -> Response {
-    Response::Feed {
-        entries: seqs.map(|s| entry(s, 0)).collect(),
-        first_seq,
-        last_seq,
-    }
-}
-
 /// A page of a poll's answer.
 fn poll_page(partition: u16, seqs: RangeInclusive<u64>, first_seq: u64, last_seq: u64) -> Page {
     Page {
@@ -368,68 +455,18 @@ fn poll_page(partition: u16, seqs: RangeInclusive<u64>, first_seq: u64, last_seq
     }
 }
 
-/// A poll's answer as a peer gives it (`serve`): pages only, no list of heads.
-fn pages(pages: Vec<Page>) -> Response {
-    Response::Heads {
-        last_seqs: Vec::new(),
-        pages,
-    }
+/// A poll's answer.
+fn heads(pages: Vec<Page>) -> Response {
+    Response::Heads { pages }
 }
 
-/// A poll's answer with nothing new (the peer's wait ran out).
-fn nothing_new() -> Response {
-    pages(Vec::new())
-}
-
-/// The heads-only answer (what a peer answers to a poll without cursors): it reveals which
-/// partitions are behind without handing over any entry, so the core fetches them with feed
-/// requests.
-fn heads_only(last_seqs: &[u64]) -> Response {
-    Response::Heads {
-        last_seqs: last_seqs.to_vec(),
-        pages: Vec::new(),
-    }
-}
-
-/// Answers a poll from feeds holding `(first_seq, last_seq)` per partition, as `serve` does:
-/// one page per partition with entries after its cursor, `limit` entries in all, starting at a
-/// partition derived from the cursors; no list of heads when cursors were sent.
-fn serve_poll(feeds: &[(u64, u64)], after: &[u64], limit: u32) -> Response {
-    let partitions = feeds.len() as u64;
-    let mut pages = Vec::new();
-    let mut budget = u64::from(limit.max(1));
-    let start = after.iter().fold(0u64, |a, c| a.wrapping_add(*c)) % partitions.max(1);
-    for i in 0..partitions {
-        if budget == 0 {
-            break;
-        }
-        let partition = ((start + i) % partitions) as usize;
-        let cursor = after.get(partition).copied().unwrap_or(u64::MAX);
-        let (first, last) = feeds[partition];
-        if cursor >= last {
-            continue;
-        }
-        let from = (cursor + 1).max(first);
-        let to = last.min(from + budget - 1);
-        let entries: Vec<WireEntry> = (from..=to).map(|s| entry(s, s)).collect();
-        budget -= entries.len() as u64;
-        pages.push(Page {
-            partition: partition as u16,
-            entries,
-            first_seq: first,
-            last_seq: last,
-        });
-    }
-    let last_seqs = if after.is_empty() {
-        feeds.iter().map(|(_, last)| *last).collect()
-    } else {
-        Vec::new()
-    };
-    Response::Heads { last_seqs, pages }
+/// The answer to an opening poll.
+fn opened(session: u64, pages: Vec<Page>) -> Response {
+    Response::Opened { session, pages }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Start and feed shipping
+// Start and sessions
 // ---------------------------------------------------------------------------------------------
 
 #[test]
@@ -450,399 +487,346 @@ fn a_failed_cursor_load_is_retried() {
     let mut h = Harness::new(config(), 1);
     let commands = h.handle(Event::Start);
     let (id, _) = locals(&commands)[0].clone();
-    let retry = h.handle(Event::Local {
-        id,
-        result: Err("store down".into()),
-    });
+    let retry = h.local_failed(id);
     assert_eq!(locals(&retry).len(), 1);
     assert!(matches!(locals(&retry)[0].1, LocalOp::LoadCursors));
     assert!(sends(&retry).is_empty());
     let (id, _) = locals(&retry)[0].clone();
     let after = h.local(id, LocalResult::Cursors(vec![vec![0, 4, 0, 9]]));
-    let p = only(polls(&after));
+    let p = only(opens(&after));
     assert_eq!((p.peer, p.after), (0, vec![0, 4, 0, 9]));
 }
 
+/// The first poll to each peer opens a session at the stored cursors. It is not held by the
+/// peer (wait 0), so it times out after the plain request timeout.
 #[test]
-fn loaded_cursors_start_one_long_poll_per_peer_and_each_answer_starts_the_next() {
+fn loaded_cursors_open_one_session_per_peer() {
     let (mut h, commands) =
         Harness::started(config(), vec![vec![0, 1, 2, 3], vec![0; 4], vec![0; 4]]);
-    let asked: Vec<(PeerId, Vec<u64>, u32, u32)> = polls(&commands)
+    let asked: Vec<(PeerId, u64, Vec<u64>, u64, u32, u32)> = polls(&commands)
         .into_iter()
-        .map(|p| (p.peer, p.after, p.limit, p.wait_ms))
+        .map(|p| (p.peer, p.session, p.after, p.poll, p.limit, p.wait_ms))
         .collect();
     assert_eq!(
         asked,
         vec![
-            (0, vec![0, 1, 2, 3], 10, 500),
-            (1, vec![0; 4], 10, 500),
-            (2, vec![0; 4], 10, 500)
+            (0, 0, vec![0, 1, 2, 3], 0, 10, 0),
+            (1, 0, vec![0; 4], 0, 10, 0),
+            (2, 0, vec![0; 4], 0, 10, 0)
         ],
-        "each poll carries the cursors, the page limit and the wait"
+        "each opening poll carries the cursors and the page limit, and may not be held"
     );
-    assert_eq!(sends(&commands).len(), 3, "only polls: {commands:?}");
+    assert_eq!(
+        sends(&commands).len(),
+        3,
+        "only opening polls: {commands:?}"
+    );
     assert!(locals(&commands).is_empty());
     assert!(h.core.is_idle(), "nothing is known to be behind yet");
-    // No second poll to a peer while one is out, even past the poll interval and the wait
-    // (the peer may hold it that long).
-    for _ in 0..14 {
+    // Nothing more while they are out...
+    for _ in 0..9 {
         let early = h.tick(100);
         assert!(early.is_empty(), "{early:?}");
     }
     assert_eq!(h.core.stats().failures, 0);
-    // An answer with nothing new: the next poll goes out at once (the peer holds it until it
-    // has news, so this does not spin), with the same cursors.
-    let after = h.answer_poll(1, nothing_new());
-    let p = only(polls(&after));
-    assert_eq!((p.peer, p.after), (1, vec![0; 4]));
-    assert_eq!(sends(&after).len(), 1, "{after:?}");
-    // And so on, for each answer.
-    for _ in 0..3 {
-        let next = h.answer_poll(1, nothing_new());
-        assert_eq!(only(polls(&next)).peer, 1);
-    }
+    // ...until they time out (1 s); then again after the backoff.
+    assert!(h.tick(100).is_empty());
+    assert_eq!(h.core.stats().failures, 3);
+    assert!(h.tick(99).is_empty());
+    assert_eq!(opens(&h.tick(1)).len(), 3);
+    assert_eq!(h.core.stats().sessions, 0);
+}
+
+/// Once a session is open, `polls_per_peer` polls of it are kept out, spread over the round
+/// trip the opening poll took; each carries only the session and its number. An answer lets
+/// the next one go out at once.
+#[test]
+fn an_open_session_keeps_its_polls_out_spread_over_the_round_trip() {
+    let (mut h, _) = Harness::started(pipelined(3), vec![vec![0; 4]]);
+    h.now_ms = 90;
+    let out = h.answer_open(0, Vec::new());
+    let session = h.session(0);
+    assert_eq!(h.core.stats().sessions, 1);
+    let p1 = only(polls(&out));
+    assert_eq!(
+        (p1.session, p1.after.clone(), p1.poll, p1.limit, p1.wait_ms),
+        (session, vec![], 1, 10, 500)
+    );
+    // Round trip 90 ms, three polls: one every 30 ms.
+    assert!(polls(&h.tick(29)).is_empty());
+    let p2 = only(polls(&h.tick(1)));
+    assert_eq!((p2.session, p2.poll), (session, 2));
+    assert!(polls(&h.tick(29)).is_empty());
+    let p3 = only(polls(&h.tick(1)));
+    assert_eq!(p3.poll, 3);
+    // Three out: no fourth while they are held.
+    assert!(h.tick(100).is_empty());
+    assert!(h.tick(200).is_empty());
+    assert_eq!(h.core.in_flight(0), 3);
+    // An answer with nothing new: its successor goes out at once.
+    let out = h.answer(p1.id, heads(Vec::new()));
+    let p4 = only(polls(&out));
+    assert_eq!((p4.session, p4.poll), (session, 4));
+    assert_eq!(h.core.in_flight(0), 3);
     assert_eq!(h.core.stats().failures, 0);
 }
 
+/// Polls are bounded by `polls_per_peer`, and leave one request slot for other work.
 #[test]
-fn heads_ahead_of_cursors_fetch_one_page_per_lagging_partition_only() {
-    let (mut h, _) = Harness::started(config(), vec![vec![0, 5, 7, 2]]);
-    let after = h.answer_polls(&[3, 5, 9, 2]);
-    let mut fetched = feeds(&after);
-    fetched.sort_by_key(|f| f.partition);
-    let got: Vec<(u16, u64, u32)> = fetched
-        .iter()
-        .map(|f| (f.partition, f.after, f.limit))
-        .collect();
-    assert_eq!(got, vec![(0, 0, 10), (2, 7, 10)]);
-    assert_eq!(
-        sends(&after).len(),
-        3,
-        "two feed requests, the next poll: {after:?}"
-    );
-    assert_eq!(polls(&after).len(), 1);
-    assert_eq!(h.core.backlog(0), 3 + 2);
-    assert!(!h.core.is_idle());
-    // Further answers and ticks (within the timeout) do not ask again for a partition already
-    // being fetched.
-    for _ in 0..5 {
-        let more = h.tick(100);
-        assert!(feeds(&more).is_empty(), "{more:?}");
-        let more = h.answer_polls(&[3, 5, 9, 2]);
-        assert!(feeds(&more).is_empty(), "{more:?}");
-    }
-}
-
-#[test]
-fn feed_requests_to_one_peer_are_bounded_by_requests_in_flight_max() {
+fn polls_leave_a_request_slot_free() {
     let config = CoreConfig {
-        partitions: 8,
         requests_in_flight_max: 3,
-        ..config()
+        ..pipelined(8)
     };
-    let (mut h, _) = Harness::started(config, vec![vec![0; 8]]);
-    let out = h.answer_polls(&[5; 8]);
-    let mut outstanding: Vec<FeedReq> = feeds(&out);
-    assert_eq!(
-        outstanding.len(),
-        2,
-        "the next poll takes the third slot: {out:?}"
-    );
-    assert_eq!(polls(&out).len(), 1);
-    assert_eq!(h.core.in_flight(0), 3);
-    let mut requested = BTreeMap::<u16, usize>::new();
-    for f in &outstanding {
-        *requested.entry(f.partition).or_default() += 1;
-    }
-    while let Some(f) = (!outstanding.is_empty()).then(|| outstanding.remove(0)) {
-        let out = h.answer(f.id, page(1..=5, 1, 5));
-        let apply = applies(&out);
-        assert_eq!(apply.len(), 1);
-        for next in feeds(&out) {
-            *requested.entry(next.partition).or_default() += 1;
-            outstanding.push(next);
-        }
-        assert!(outstanding.len() < 3, "{outstanding:?}");
-        assert!(h.core.in_flight(0) <= 3);
-        for next in feeds(&h.local(apply[0].id, LocalResult::Applied)) {
-            *requested.entry(next.partition).or_default() += 1;
-            outstanding.push(next);
-        }
-        assert!(outstanding.len() < 3, "{outstanding:?}");
-        assert!(h.core.in_flight(0) <= 3);
-    }
-    assert_eq!(requested, (0..8).map(|p| (p, 1)).collect());
-    assert!(h.core.is_idle());
-    assert_eq!(h.core.stats().entries_applied, 40);
-    assert_eq!(h.core.in_flight(0), 1, "only the poll, held by the peer");
-}
-
-#[test]
-fn a_feed_page_is_applied_before_the_cursor_moves() {
-    let (mut h, _) = Harness::started(config(), vec![vec![0; 4], vec![0; 4]]);
-    let mut out = h.answer_poll(0, heads_only(&[0; 4]));
-    out.extend(h.answer_poll(1, heads_only(&[0, 3, 0, 0])));
-    let f = only(feeds(&out));
-    assert_eq!((f.peer, f.partition, f.after), (1, 1, 0));
-    let out = h.answer(f.id, page(1..=3, 1, 3));
-    assert_eq!(out.len(), 1, "{out:?}");
-    let a = only(applies(&out));
-    assert_eq!(
-        (a.peer, a.partition, a.seqs.clone(), a.advance_to),
-        (1, 1, vec![1, 2, 3], 3)
-    );
-    // Not applied yet: the cursor waits.
-    assert_eq!(h.core.cursor(1, 1), Some(0));
-    assert!(!h.core.is_idle());
-    let out = h.local(a.id, LocalResult::Applied);
-    assert!(feeds(&out).is_empty());
-    assert_eq!(h.core.cursor(1, 1), Some(3));
-    assert_eq!(h.core.stats().entries_applied, 3);
-    assert_eq!(h.core.backlog(1), 0);
-    assert!(h.core.is_idle());
-}
-
-#[test]
-fn a_full_page_is_followed_at_once_by_the_next() {
-    let config = CoreConfig {
-        feed_batch_max: 2,
-        ..config()
-    };
-    let (mut h, _) = Harness::started(config, vec![vec![0; 4]]);
-    let out = h.answer_polls(&[5, 0, 0, 0]);
-    let mut f = feeds(&out)[0].clone();
-    let mut pages = Vec::new();
-    loop {
-        assert_eq!((f.partition, f.limit), (0, 2));
-        let from = f.after + 1;
-        let to = (f.after + 2).min(5);
-        pages.push((f.after, to));
-        let out = h.answer(f.id, page(from..=to, 1, 5));
-        let apply = applies(&out)[0].clone();
-        assert_eq!(apply.advance_to, to);
-        // Same instant, no tick: the next page is asked for as soon as this one is applied.
-        let out = h.local(apply.id, LocalResult::Applied);
-        match &feeds(&out)[..] {
-            [] => break,
-            [next] => f = next.clone(),
-            more => panic!("{more:?}"),
-        }
-    }
-    assert_eq!(pages, vec![(0, 2), (2, 4), (4, 5)]);
-    assert_eq!(h.core.cursor(0, 0), Some(5));
-    assert!(h.core.is_idle());
-}
-
-#[test]
-fn entries_at_or_below_the_cursor_are_not_applied_again() {
-    let (mut h, _) = Harness::started(config(), vec![vec![3, 0, 0, 0]]);
-    let f = feeds(&h.answer_polls(&[6, 0, 0, 0]))[0].clone();
-    assert_eq!(f.after, 3);
-    // A peer that ignores `after` and sends older entries too.
-    let out = h.answer(f.id, page(2..=6, 1, 6));
-    let a = applies(&out)[0].clone();
-    assert_eq!((a.seqs, a.advance_to), (vec![4, 5, 6], 6));
-    assert_eq!(h.core.stats().gaps, 0);
-}
-
-#[test]
-fn a_page_with_nothing_new_applies_nothing_and_releases_the_partition() {
-    let (mut h, _) = Harness::started(config(), vec![vec![3, 0, 0, 0]]);
-    let f = feeds(&h.answer_polls(&[6, 0, 0, 0]))[0].clone();
-    // Nothing after the cursor (the peer answered from a lagging replica): no apply, no gap...
-    let mut out = h.answer(f.id, page(1..=3, 1, 3));
-    assert!(applies(&out).is_empty(), "{out:?}");
-    assert_eq!(h.core.stats().gaps, 0);
-    assert_eq!(h.core.cursor(0, 0), Some(3));
-    // ...and the partition is not left stuck as "being fetched": once the entries are there,
-    // they are pulled.
-    let mut pulled = None;
-    for _ in 0..10 {
-        if let Some(f) = feeds(&out).first() {
-            let answer = h.answer(f.id, page(4..=6, 1, 6));
-            pulled = applies(&answer)
-                .first()
-                .map(|a| (a.seqs.clone(), a.advance_to));
-            break;
-        }
-        out = h.tick(100);
-        out.extend(h.answer_polls(&[6, 0, 0, 0]));
-    }
-    assert_eq!(pulled, Some((vec![4, 5, 6], 6)));
+    let (mut h, out) = Harness::opened(config, vec![vec![0; 4]]);
+    assert_eq!(polls(&out).len(), 2, "{out:?}");
+    assert!(polls(&h.tick(100)).is_empty());
+    assert_eq!(h.core.in_flight(0), 2);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Long polls: pages in the answer
+// Pages
 // ---------------------------------------------------------------------------------------------
 
-/// A poll answered with pages: they are applied like feed pages (entries the cursor covers are
-/// skipped), and the next poll waits for the applies so that it carries the new cursors.
+/// An answer's pages are applied (entries already received are dropped) and its successor
+/// goes out in the same step: not after the merges. The cursor moves only once a page is
+/// applied.
 #[test]
-fn a_poll_answered_with_pages_applies_them_and_the_next_poll_carries_the_new_cursors() {
-    let (mut h, commands) = Harness::started(config(), vec![vec![0, 2, 0, 0]]);
-    let p = only(polls(&commands));
-    assert_eq!(p.after, vec![0, 2, 0, 0]);
+fn the_next_poll_goes_out_with_the_answer_and_the_cursor_after_the_merge() {
+    let (mut h, out) = Harness::opened(pipelined(2), vec![vec![0, 2, 0, 0]]);
+    let session = h.session(0);
+    let [a, _b] = &polls(&out)[..] else {
+        panic!("two polls out at once (round trip 0): {out:?}")
+    };
     h.now_ms = 1_000;
     let out = h.answer(
-        p.id,
-        pages(vec![
+        a.id,
+        heads(vec![
             poll_page(0, 1..=3, 1, 3),
-            // A peer that ignores the cursor and sends entry 2 again.
+            // A peer that sends entry 2 again.
             poll_page(1, 2..=4, 1, 4),
         ]),
     );
-    let mut applied = applies(&out);
-    applied.sort_by_key(|a| a.partition);
-    let got: Vec<(PeerId, u16, Vec<u64>, u64)> = applied
-        .iter()
-        .map(|a| (a.peer, a.partition, a.seqs.clone(), a.advance_to))
-        .collect();
-    assert_eq!(got, vec![(0, 0, vec![1, 2, 3], 3), (0, 1, vec![3, 4], 4)]);
-    assert!(
-        sends(&out).is_empty(),
-        "no poll while pages are being applied, and nothing to fetch: {out:?}"
+    assert_eq!(
+        applied(&out),
+        vec![(0, 0, vec![1, 2, 3], 3), (0, 1, vec![3, 4], 4)]
     );
+    let next = only(polls(&out));
+    assert_eq!((next.session, next.poll), (session, 3));
     assert_eq!(h.core.cursor(0, 0), Some(0), "not before the apply");
     assert_eq!(h.core.backlog(0), 3 + 2);
     assert!(!h.core.is_idle());
-    // Time passing does not start the next poll either.
-    assert!(h.tick(2_000).is_empty());
     h.now_ms += 200;
-    let out = h.local(applied[0].id, LocalResult::Applied);
-    assert!(out.is_empty(), "one page is still being applied: {out:?}");
+    let mut pending = applies(&out);
+    pending.sort_by_key(|a| a.partition);
+    assert!(h.local(pending[0].id, LocalResult::Applied).is_empty());
     assert_eq!(h.core.cursor(0, 0), Some(3));
-    let out = h.local(applied[1].id, LocalResult::Applied);
-    let next = only(polls(&out));
-    assert_eq!(
-        next.after,
-        vec![3, 4, 0, 0],
-        "the next poll carries the new cursors"
-    );
-    assert_eq!(sends(&out).len(), 1, "{out:?}");
+    h.local(pending[1].id, LocalResult::Applied);
+    assert_eq!(h.core.cursor(0, 1), Some(4));
     assert_eq!(h.core.stats().entries_applied, 5);
     assert_eq!(h.core.stats().gaps, 0);
     assert!(h.core.stats().feed_bytes > 0);
     assert!(h.core.is_idle());
-    // Lag is recorded on this path too: written at 0, applied at 3.2 s.
+    // Lag is recorded when applied: written at 0, applied at 1.2 s.
     let lag = h.core.lag_ms(0).unwrap();
     assert_eq!(lag.len(), 5);
-    assert!(lag.equivalent(lag.max(), 3_200), "max {}", lag.max());
+    assert!(lag.equivalent(lag.max(), 1_200), "max {}", lag.max());
 }
 
-/// A page is cut at the cursor the poll was sent with. If the cursor moved since (another
-/// request fetched the partition), or the partition was left out of the poll, the page is
-/// ignored; the head it reveals is still taken, so what lies past the cursor is fetched.
+/// One page per partition is applied at a time: what arrives meanwhile waits, and goes to the
+/// store once the page before it is merged, so the stored cursor never passes an entry whose
+/// merge is not done.
 #[test]
-fn a_page_cut_at_a_cursor_that_has_moved_since_is_ignored() {
-    let config = CoreConfig {
-        requests_in_flight_max: 2,
-        ..config()
-    };
-    let (mut h, _) = Harness::started(config, vec![vec![0; 4]]);
-    // Partitions 0 and 1 are behind: one slot goes to fetching partition 0, the other to the
-    // next poll, which leaves partition 0 out and carries partition 1's cursor (no slot left to
-    // fetch it).
-    let out = h.answer_polls(&[5, 5, 0, 0]);
-    let f0 = only(feeds(&out));
-    assert_eq!((f0.partition, f0.after), (0, 0));
-    let p = only(polls(&out));
-    assert_eq!(p.after, vec![u64::MAX, 0, 0, 0]);
-    // Partition 0's answer frees a slot: partition 1 is fetched and applied meanwhile.
-    let out = h.answer(f0.id, page(1..=5, 1, 5));
-    let a0 = only(applies(&out));
-    let f1 = only(feeds(&out));
-    assert_eq!((f1.partition, f1.after), (1, 0));
-    h.local(a0.id, LocalResult::Applied);
-    let out = h.answer(f1.id, page(1..=5, 1, 5));
-    h.local(only(applies(&out)).id, LocalResult::Applied);
-    assert_eq!(h.core.cursor(0, 1), Some(5));
-    let applied = h.core.stats().entries_applied;
-    // The poll comes back with pages cut where it was sent: partition 0 (left out of it) and
-    // partition 1 (at 0, now 5) are stale; partition 2's is taken.
+fn pages_of_one_partition_are_applied_one_at_a_time_in_order() {
+    let (mut h, out) = Harness::opened(pipelined(3), vec![vec![0; 4]]);
+    let ids: Vec<CommandId> = polls(&out).iter().map(|p| p.id).collect();
+    assert_eq!(ids.len(), 3);
+    let first = only(applies(
+        &h.answer(ids[0], heads(vec![poll_page(0, 1..=3, 1, 3)])),
+    ));
+    // Two more answers while it is applied: the second repeats entries 2 and 3.
+    let out = h.answer(ids[1], heads(vec![poll_page(0, 2..=5, 1, 5)]));
+    assert!(applies(&out).is_empty(), "{out:?}");
     let out = h.answer(
-        p.id,
-        pages(vec![
-            poll_page(0, 1..=6, 1, 6),
-            poll_page(1, 1..=7, 1, 7),
-            poll_page(2, 1..=2, 1, 2),
-        ]),
+        ids[2],
+        heads(vec![poll_page(0, 6..=6, 1, 6), poll_page(2, 1..=1, 1, 1)]),
     );
-    let a2 = only(applies(&out));
+    assert_eq!(applied(&out), vec![(0, 2, vec![1], 1)], "another partition");
+    assert_eq!(h.core.backlog(0), 6 + 1);
+    let out = h.local(first.id, LocalResult::Applied);
+    assert_eq!(h.core.cursor(0, 0), Some(3));
+    let second = only(applies(&out));
     assert_eq!(
-        (a2.partition, a2.seqs.clone(), a2.advance_to),
-        (2, vec![1, 2], 2)
+        (second.partition, second.seqs.clone(), second.advance_to),
+        (0, vec![4, 5, 6], 6)
     );
-    // Their news is not lost: what lies past the cursors is fetched.
-    let mut fetched: Vec<(u16, u64)> = feeds(&out).iter().map(|f| (f.partition, f.after)).collect();
-    fetched.sort();
-    assert_eq!(fetched, vec![(0, 5), (1, 5)], "{out:?}");
-    assert_eq!(h.core.backlog(0), 1 + 2 + 2);
-    h.local(a2.id, LocalResult::Applied);
-    assert_eq!(h.core.stats().entries_applied, applied + 2);
-    assert_eq!(h.core.stats().gaps, 0);
+    h.local(second.id, LocalResult::Applied);
+    assert_eq!(h.core.cursor(0, 0), Some(6));
+    assert_eq!(h.core.stats().entries_applied, 6);
 }
 
-/// A partition being fetched (a feed request out, or its page being applied) is sent as
-/// `u64::MAX`, so the peer does not send its entries a second time in the poll's answer.
+/// No new poll while a page limit's worth of received entries waits to be applied: a slow
+/// store holds the peer back instead of piling entries up in memory.
 #[test]
-fn partitions_being_fetched_are_left_out_of_the_poll() {
+fn no_poll_goes_out_while_a_page_limit_of_entries_waits_to_be_applied() {
     let config = CoreConfig {
         feed_batch_max: 4,
-        ..config()
+        ..pipelined(2)
     };
-    let (mut h, _) = Harness::started(config, vec![vec![0; 4]]);
-    // Partition 2 is revealed as behind: its feed request and the next poll go out together,
-    // and the poll leaves it out.
-    let out = h.answer_polls(&[0, 0, 3, 0]);
-    let f = only(feeds(&out));
-    assert_eq!((f.partition, f.after), (2, 0));
-    assert_eq!(only(polls(&out)).after, vec![0, 0, u64::MAX, 0]);
-    // So does every poll while the request is out...
-    let out = h.answer_poll(0, nothing_new());
-    assert_eq!(only(polls(&out)).after, vec![0, 0, u64::MAX, 0]);
-    // ...and while its page is applied (no poll goes out meanwhile).
-    let a = only(applies(&h.answer(f.id, page(1..=3, 1, 3))));
-    let out = h.answer_poll(0, nothing_new());
-    assert!(
-        polls(&out).is_empty(),
-        "a poll while a page is applied: {out:?}"
-    );
-    let out = h.local(a.id, LocalResult::Applied);
-    let p = only(polls(&out));
-    assert_eq!(p.after, vec![0, 0, 3, 0]);
-    // A page cut at the limit: the rest of its partition is fetched with a feed request, and
-    // the poll that goes out with it leaves the partition out.
-    let a = only(applies(
-        &h.answer(p.id, pages(vec![poll_page(1, 1..=4, 1, 9)])),
-    ));
-    assert_eq!((a.partition, a.advance_to), (1, 4));
-    let out = h.local(a.id, LocalResult::Applied);
-    let f = only(feeds(&out));
-    assert_eq!((f.partition, f.after, f.limit), (1, 4, 4));
-    assert_eq!(
-        only(polls(&out)).after,
-        vec![0, u64::MAX, 3, 0],
-        "the poll would fetch partition 1's next entries a second time"
-    );
+    let (mut h, out) = Harness::opened(config, vec![vec![0; 4]]);
+    let session = h.session(0);
+    let a = polls(&out)[0].clone();
+    let out = h.answer(a.id, heads(vec![poll_page(0, 1..=4, 1, 9)]));
+    let apply = only(applies(&out));
+    assert!(polls(&out).is_empty(), "{out:?}");
+    assert!(polls(&h.tick(100)).is_empty());
+    let out = h.local(apply.id, LocalResult::Applied);
+    assert_eq!(only(polls(&out)).session, session);
 }
 
-/// A peer may hold a poll for its wait before answering: the poll times out only after the
-/// wait and the request timeout, while other requests keep the plain timeout.
+/// A page cut short by the page limit leaves the rest of its partition to the session's next
+/// answers: nothing else is asked for it.
+#[test]
+fn a_page_limit_leaves_the_rest_to_the_next_answer() {
+    let (mut h, out) = Harness::opened(config(), vec![vec![0; 4]]);
+    let a = only(polls(&out));
+    let out = h.answer(a.id, heads(vec![poll_page(1, 1..=10, 1, 25)]));
+    let apply = only(applies(&out));
+    assert!(
+        sends(&out).is_empty(),
+        "a page limit waits to be applied: {out:?}"
+    );
+    let out = h.local(apply.id, LocalResult::Applied);
+    let next = only(polls(&out));
+    assert_eq!(sends(&out).len(), 1, "only the next poll: {out:?}");
+    assert_eq!(h.core.backlog(0), 15);
+    assert!(!h.core.is_idle());
+    let out = h.answer(next.id, heads(vec![poll_page(1, 11..=20, 1, 25)]));
+    assert_eq!(applied(&out), vec![(0, 1, (11..=20).collect(), 20)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Losses, reordering, duplicates
+// ---------------------------------------------------------------------------------------------
+
+/// A page that starts past what was received, while the peer still holds the entries in
+/// between, means an answer that did not arrive (or not yet): nothing of it is taken, the
+/// session is given up, and a new one opens at what was received, so no entry is skipped.
+/// Answers to the old session's polls are ignored.
+#[test]
+fn a_page_past_what_was_received_opens_a_new_session_there() {
+    let (mut h, out) = Harness::opened(pipelined(2), vec![vec![0; 4]]);
+    let [a, b] = &polls(&out)[..] else {
+        panic!("{out:?}")
+    };
+    // b's answer overtakes a's.
+    let out = h.answer(
+        b.id,
+        heads(vec![poll_page(2, 1..=2, 1, 2), poll_page(0, 4..=5, 1, 5)]),
+    );
+    assert_eq!(
+        applied(&out),
+        vec![(0, 2, vec![1, 2], 2)],
+        "the page that follows on is taken"
+    );
+    let open = only(polls(&out));
+    assert_eq!((open.session, open.after), (0, vec![0, 0, 2, 0]));
+    assert_eq!(h.core.stats().gaps, 0);
+    // a's answer arrives: ignored, it belongs to the old session.
+    assert!(h
+        .answer(a.id, heads(vec![poll_page(0, 1..=3, 1, 3)]))
+        .is_empty());
+    assert_eq!(h.core.in_flight(0), 1, "only the opening poll");
+    let out = h.answer_open(0, vec![poll_page(0, 1..=5, 1, 5)]);
+    assert_eq!(applied(&out), vec![(0, 0, vec![1, 2, 3, 4, 5], 5)]);
+    assert_eq!(h.core.stats().sessions, 2);
+    assert_eq!(h.core.stats().failures, 0);
+}
+
+/// An answer lost after the peer counted its entries as sent: the poll times out, the session
+/// is given up, and the new one resends from what was received. Nothing is skipped.
+#[test]
+fn a_lost_answer_times_out_and_a_new_session_resends_what_it_carried() {
+    let (mut h, out) = Harness::opened(pipelined(2), vec![vec![0; 4]]);
+    let [a, _lost] = &polls(&out)[..] else {
+        panic!("{out:?}")
+    };
+    let out = h.answer(a.id, heads(vec![poll_page(0, 1..=3, 1, 3)]));
+    h.local(only(applies(&out)).id, LocalResult::Applied);
+    assert_eq!(h.core.cursor(0, 0), Some(3));
+    // The other poll was answered with entries 4..=6, and that answer was lost; the poll sent
+    // in its place is held (for the peer, nothing is new).
+    assert!(h.tick(1_499).is_empty());
+    assert_eq!(h.core.stats().failures, 0);
+    assert!(h.tick(1).is_empty(), "backing off");
+    assert!(h.core.stats().failures >= 1);
+    let open = only(polls(&h.tick(100)));
+    assert_eq!((open.session, open.after), (0, vec![3, 0, 0, 0]));
+    let out = h.answer_open(0, vec![poll_page(0, 4..=6, 1, 6)]);
+    assert_eq!(applied(&out), vec![(0, 0, vec![4, 5, 6], 6)]);
+}
+
+/// A peer that no longer knows the session (it restarted) says so; a new one opens at once,
+/// with no backoff.
+#[test]
+fn an_unknown_session_is_opened_again_at_once() {
+    let (mut h, out) = Harness::opened(config(), vec![vec![2, 0, 0, 0]]);
+    let a = only(polls(&out));
+    let out = h.answer(a.id, Response::UnknownSession);
+    let open = only(polls(&out));
+    assert_eq!((open.session, open.after), (0, vec![2, 0, 0, 0]));
+    assert_eq!(h.core.stats().failures, 0);
+}
+
+/// A poll the network delivered twice: the copy's answer says so and the poll keeps waiting
+/// for its own.
+#[test]
+fn a_duplicate_answer_leaves_the_poll_waiting_for_its_own() {
+    let (mut h, out) = Harness::opened(config(), vec![vec![0; 4]]);
+    let a = only(polls(&out));
+    assert!(h.answer(a.id, Response::Duplicate).is_empty());
+    assert_eq!(h.core.in_flight(0), 1);
+    assert_eq!(h.core.stats().failures, 0);
+    let out = h.answer(a.id, heads(vec![poll_page(0, 1..=2, 1, 2)]));
+    assert_eq!(applied(&out), vec![(0, 0, vec![1, 2], 2)]);
+    // A duplicate's answer after the poll's own: ignored.
+    assert!(h.answer(a.id, Response::Duplicate).is_empty());
+}
+
+/// A failed apply drops what was received of the partition; the peer counts it as sent, so a
+/// new session opens at the stored cursor after the backoff, and it is fetched again.
+#[test]
+fn a_failed_apply_opens_a_new_session_at_the_stored_cursor() {
+    let (mut h, out) = Harness::opened(config(), vec![vec![4, 0, 0, 0]]);
+    let a = only(polls(&out));
+    let out = h.answer(a.id, heads(vec![poll_page(0, 5..=8, 1, 8)]));
+    let apply = only(applies(&out));
+    let out = h.local_failed(apply.id);
+    assert!(sends(&out).is_empty(), "{out:?}");
+    assert_eq!(h.core.stats().failures, 1);
+    assert_eq!(h.core.cursor(0, 0), Some(4));
+    assert!(h.tick(99).is_empty(), "retried too early");
+    let open = only(polls(&h.tick(1)));
+    assert_eq!((open.session, open.after), (0, vec![4, 0, 0, 0]));
+    let out = h.answer_open(0, vec![poll_page(0, 5..=8, 1, 8)]);
+    assert_eq!(applied(&out), vec![(0, 0, vec![5, 6, 7, 8], 8)]);
+}
+
+/// A peer may hold a poll for its wait before answering: a poll times out only after the wait
+/// and the request timeout, an opening poll after the request timeout.
 #[test]
 fn a_poll_times_out_only_after_its_wait_and_the_request_timeout() {
     let (mut h, _) = Harness::started(config(), vec![vec![0; 4]]);
-    // A feed request and a poll go out at once (at 0).
-    let out = h.answer_polls(&[3, 0, 0, 0]);
-    assert_eq!(feeds(&out).len(), 1);
-    let p = only(polls(&out));
-    assert_eq!(p.wait_ms, 500);
-    // The feed request times out after the request timeout (1 s)...
     h.tick(999);
     assert_eq!(h.core.stats().failures, 0);
     h.tick(1);
-    assert_eq!(h.core.stats().failures, 1);
-    // ...the poll only after wait + timeout (1.5 s).
-    h.tick(499);
+    assert_eq!(h.core.stats().failures, 1, "the opening poll, after 1 s");
+    let open = only(opens(&h.tick(100)));
+    h.now_ms = 10_000;
+    let session = h.mint(0);
+    let p = only(polls(&h.answer(open.id, opened(session, Vec::new()))));
+    assert_eq!(p.wait_ms, 500);
+    h.tick(1_499);
     assert_eq!(
         h.core.stats().failures,
         1,
@@ -852,18 +836,18 @@ fn a_poll_times_out_only_after_its_wait_and_the_request_timeout() {
     assert_eq!(h.core.stats().failures, 2);
     // Its answer is ignored after that.
     assert!(h
-        .answer(p.id, pages(vec![poll_page(1, 1..=2, 1, 2)]))
+        .answer(p.id, heads(vec![poll_page(1, 1..=2, 1, 2)]))
         .is_empty());
     assert_eq!(h.core.cursor(0, 1), Some(0));
-    assert_eq!(h.core.backlog(0), 3);
+    assert_eq!(h.core.backlog(0), 0);
 
     // The deadline follows the configured wait.
     let config = CoreConfig {
         pull_wait_ms: 3_000,
         ..config()
     };
-    let (mut h, commands) = Harness::started(config, vec![vec![0; 4]]);
-    assert_eq!(only(polls(&commands)).wait_ms, 3_000);
+    let (mut h, out) = Harness::opened(config, vec![vec![0; 4]]);
+    assert_eq!(only(polls(&out)).wait_ms, 3_000);
     h.tick(3_999);
     assert_eq!(h.core.stats().failures, 0);
     h.tick(1);
@@ -874,13 +858,14 @@ fn a_poll_times_out_only_after_its_wait_and_the_request_timeout() {
 // Feed gaps
 // ---------------------------------------------------------------------------------------------
 
+/// Entries trimmed before we read them: the cursor jumps to where the feed resumes and
+/// anti-entropy for the partition starts at once.
 #[test]
 fn a_feed_gap_jumps_the_cursor_and_starts_anti_entropy_at_once() {
-    let (mut h, _) = Harness::started(config(), vec![vec![0, 2, 0, 0]]);
-    let f = feeds(&h.answer_polls(&[0, 12, 0, 0]))[0].clone();
-    assert_eq!((f.partition, f.after), (1, 2));
+    let (mut h, out) = Harness::opened(config(), vec![vec![0, 2, 0, 0]]);
+    let p = only(polls(&out));
     // Entries 3..=9 were trimmed before we read them.
-    let out = h.answer(f.id, page(10..=12, 10, 12));
+    let out = h.answer(p.id, heads(vec![poll_page(1, 10..=12, 10, 12)]));
     let a = only(applies(&out));
     assert_eq!(
         (a.partition, a.seqs.clone(), a.advance_to),
@@ -908,50 +893,33 @@ fn a_feed_gap_jumps_the_cursor_and_starts_anti_entropy_at_once() {
     assert!(!h.core.is_idle(), "the repair is still to do");
 }
 
-/// The same through a poll's page.
+/// The same in the answer to an opening poll.
 #[test]
-fn a_gap_in_a_polled_page_jumps_the_cursor_and_starts_anti_entropy_at_once() {
-    let (mut h, commands) = Harness::started(config(), vec![vec![0, 2, 0, 0]]);
-    let p = only(polls(&commands));
-    let out = h.answer(p.id, pages(vec![poll_page(1, 10..=12, 10, 12)]));
-    let a = only(applies(&out));
-    assert_eq!(
-        (a.partition, a.seqs.clone(), a.advance_to),
-        (1, vec![10, 11, 12], 12)
-    );
+fn a_gap_in_an_opening_answer_jumps_the_cursor_too() {
+    let (mut h, _) = Harness::started(config(), vec![vec![0, 2, 0, 0]]);
+    let out = h.answer_open(0, vec![poll_page(1, 10..=12, 10, 12)]);
+    assert_eq!(applied(&out), vec![(0, 1, vec![10, 11, 12], 12)]);
     assert_eq!(h.core.stats().gaps, 1);
-    let digests: Vec<u16> = sends(&out)
-        .iter()
-        .filter_map(|(_, _, r)| match r {
-            Request::Digest { partition } => Some(*partition),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(digests, vec![1], "{out:?}");
-    assert!(locals(&out)
-        .iter()
-        .any(|(_, op)| matches!(op, LocalOp::Digest { partition: 1 })));
-    h.local(a.id, LocalResult::Applied);
-    assert_eq!(h.core.cursor(0, 1), Some(12));
-    assert!(!h.core.is_idle(), "the repair is still to do");
+    assert!(has_ae(&out));
 }
 
 #[test]
 fn a_fully_trimmed_feed_advances_the_cursor_to_its_end() {
-    let (mut h, _) = Harness::started(config(), vec![vec![0, 0, 4, 0]]);
-    let f = feeds(&h.answer_polls(&[0, 0, 20, 0]))[0].clone();
+    let (mut h, out) = Harness::opened(config(), vec![vec![0, 0, 4, 0]]);
+    let p = only(polls(&out));
     // The peer keeps nothing: first_seq = last_seq + 1.
     let out = h.answer(
-        f.id,
-        Response::Feed {
+        p.id,
+        heads(vec![Page {
+            partition: 2,
             entries: vec![],
             first_seq: 21,
             last_seq: 20,
-        },
+        }]),
     );
-    let a = applies(&out)[0].clone();
+    let a = only(applies(&out));
     assert!(a.seqs.is_empty());
-    assert!(a.advance_to >= 20);
+    assert_eq!(a.advance_to, 20);
     assert_eq!(h.core.stats().gaps, 1);
     assert!(has_ae(&out));
     h.local(a.id, LocalResult::Applied);
@@ -959,13 +927,14 @@ fn a_fully_trimmed_feed_advances_the_cursor_to_its_end() {
 }
 
 #[test]
-fn no_gap_when_the_page_starts_right_after_the_cursor() {
-    let (mut h, _) = Harness::started(config(), vec![vec![9, 0, 0, 0]]);
-    let f = feeds(&h.answer_polls(&[12, 0, 0, 0]))[0].clone();
+fn no_gap_when_the_page_starts_right_after_what_was_received() {
+    let (mut h, out) = Harness::opened(config(), vec![vec![9, 0, 0, 0]]);
+    let p = only(polls(&out));
     // Trimmed up to the cursor, but nothing we need is missing.
-    let out = h.answer(f.id, page(10..=12, 10, 12));
+    let out = h.answer(p.id, heads(vec![poll_page(0, 10..=12, 10, 12)]));
     assert_eq!(h.core.stats().gaps, 0);
     assert!(!has_ae(&out), "{out:?}");
+    assert_eq!(applied(&out), vec![(0, 0, vec![10, 11, 12], 12)]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1391,8 +1360,7 @@ fn a_gap_found_during_a_round_is_repaired_right_after_it() {
     let (mut h, remote, local) = ae_round_started();
     // A feed gap on partition 3 while partition 0's round is running.
     h.tick(100);
-    let f = feeds(&h.answer_polls(&[0, 0, 0, 9]))[0].clone();
-    let out = h.answer(f.id, page(5..=9, 5, 9));
+    let out = h.answer_poll(0, vec![poll_page(3, 5..=9, 5, 9)]);
     assert_eq!(h.core.stats().gaps, 1);
     assert!(!has_ae(&out), "one round at a time per peer: {out:?}");
     h.answer(remote, Response::Digest { buckets: vec![1] });
@@ -1413,14 +1381,15 @@ fn the_sweep_visits_every_partition_of_every_peer_within_the_interval() {
     let config = CoreConfig {
         partitions: 8,
         anti_entropy_interval_ms: interval_ms,
-        ..config()
+        ..pipelined(2)
     };
     let tick_ms = 50;
     let (mut h, commands) = Harness::started(config, vec![vec![0; 8], vec![0; 8], vec![0; 8]]);
     let mut visits: BTreeMap<(PeerId, u16), Vec<u64>> = BTreeMap::new();
     let mut pending = commands;
     while h.now_ms <= 2 * interval_ms + 500 {
-        // Answer everything at once (equal digests); polls are held by quiet peers in `run`.
+        // Answer everything at once (equal digests); polls are answered by quiet peers in
+        // `run`.
         while !pending.is_empty() {
             let mut next = Vec::new();
             for command in pending {
@@ -1477,9 +1446,10 @@ fn the_sweep_visits_every_partition_of_every_peer_within_the_interval() {
 #[test]
 fn timeouts_back_off_exponentially_for_that_peer_only() {
     let (mut h, commands) = Harness::started(config(), vec![vec![0; 4], vec![0; 4]]);
-    // Peer 0 never answers; peer 1 holds each poll for its wait and answers it with nothing new.
+    // Peer 0 never answers; peer 1 opens a session, holds each poll for its wait and answers
+    // it with nothing new.
     h.silent.insert(0);
-    let first = polls(&commands).into_iter().find(|p| p.peer == 0).unwrap();
+    let first = opens(&commands).into_iter().find(|p| p.peer == 0).unwrap();
     let peer1_polls = std::cell::Cell::new(0u64);
     // Lets `ms` pass; returns what was sent to peer 0.
     let step = |h: &mut Harness, ms: u64| -> Vec<Command> {
@@ -1490,8 +1460,9 @@ fn timeouts_back_off_exponentially_for_that_peer_only() {
             .filter(|c| !matches!(c, Command::Send { peer: 1, .. }))
             .collect()
     };
-    // Just before the deadline (the wait, then the timeout): still waiting.
-    assert!(step(&mut h, 1_499).is_empty());
+    // Just before the deadline (an opening poll is not held: the request timeout): still
+    // waiting.
+    assert!(step(&mut h, 999).is_empty());
     assert_eq!(h.core.stats().failures, 0);
     // The deadline: a failure, and no retry before the backoff has passed.
     assert!(step(&mut h, 1).is_empty());
@@ -1505,11 +1476,11 @@ fn timeouts_back_off_exponentially_for_that_peer_only() {
         );
         let retry = step(&mut h, 1);
         assert_eq!(sends(&retry).len(), 1, "round {round}: {retry:?}");
-        let p = only(polls(&retry));
+        let p = only(opens(&retry));
         assert_eq!(p.peer, 0);
         last_id = p.id;
         // Let it time out too.
-        assert!(step(&mut h, 1_499).is_empty());
+        assert!(step(&mut h, 999).is_empty());
         assert!(step(&mut h, 1).is_empty());
         assert_eq!(h.core.stats().failures, 2 + round);
         expected_backoff = (expected_backoff * 2).min(800);
@@ -1523,27 +1494,21 @@ fn timeouts_back_off_exponentially_for_that_peer_only() {
     );
     // A late answer to a timed-out request is ignored, even if it has news.
     let requests = h.core.stats().requests;
-    let late = h.answer(
-        last_id,
-        Response::Heads {
-            last_seqs: vec![9; 4],
-            pages: vec![poll_page(0, 1..=9, 1, 9)],
-        },
-    );
+    let late = h.answer(last_id, opened(77, vec![poll_page(0, 1..=9, 1, 9)]));
     assert!(late.is_empty(), "{late:?}");
     assert_eq!(h.core.backlog(0), 0);
     assert_eq!(h.core.cursor(0, 0), Some(0));
     assert_eq!(h.core.stats().requests, requests);
     // A success resets the backoff.
     let retry = step(&mut h, 800);
-    let p = only(polls(&retry));
-    let next = h.answer(p.id, nothing_new());
+    only(opens(&retry));
+    let next = h.answer_open(0, Vec::new());
     let p = only(polls(&next));
-    assert_eq!(p.peer, 0, "polled again at once");
+    assert_eq!((p.peer, p.session), (0, h.session(0)), "polled at once");
     h.unreachable(p.id);
     assert!(step(&mut h, 99).is_empty());
     assert_eq!(
-        polls(&step(&mut h, 1)).len(),
+        opens(&step(&mut h, 1)).len(),
         1,
         "back to the first backoff step"
     );
@@ -1553,113 +1518,89 @@ fn timeouts_back_off_exponentially_for_that_peer_only() {
 #[test]
 fn requests_to_other_peers_continue_during_a_backoff() {
     let (mut h, _) = Harness::started(config(), vec![vec![0; 4], vec![0; 4]]);
-    let out = h.answer_poll(
-        0,
+    let open = h.open_out(0);
+    let out = h.answer(
+        open.id,
         Response::Failed {
             reason: "store down".into(),
         },
     );
     assert!(out.is_empty());
     assert_eq!(h.core.stats().failures, 1);
-    // Peer 1 is ahead: its feed is fetched while peer 0 backs off.
-    let out = h.answer_poll(1, heads_only(&[2, 0, 0, 0]));
-    let f = feeds(&out);
-    assert_eq!(f.len(), 1);
-    assert_eq!(f[0].peer, 1);
+    // Peer 1 has news: it is applied and polled while peer 0 backs off.
+    let out = h.answer_open(1, vec![poll_page(0, 1..=2, 1, 2)]);
+    assert_eq!(applied(&out), vec![(1, 0, vec![1, 2], 2)]);
+    assert_eq!(only(polls(&out)).peer, 1);
     assert!(sends(&out).iter().all(|(_, p, _)| *p == 1), "{out:?}");
     let out = h.tick(50);
     assert!(sends(&out).iter().all(|(_, p, _)| *p == 1), "{out:?}");
     let out = h.tick(50);
-    assert_eq!(polls(&out).iter().filter(|p| p.peer == 0).count(), 1);
+    assert_eq!(opens(&out).iter().filter(|p| p.peer == 0).count(), 1);
 }
 
+/// A failed poll (the peer's store failed, or the transport) may have lost entries the peer
+/// counted as sent: after the backoff, a new session opens at what was received.
 #[test]
-fn failed_answers_and_transport_errors_back_off_and_retry_the_same_page() {
-    for how in ["failed", "unreachable", "store"] {
-        let (mut h, _) = Harness::started(config(), vec![vec![4, 0, 0, 0]]);
-        let f = feeds(&h.answer_polls(&[8, 0, 0, 0]))[0].clone();
+fn failed_polls_back_off_and_open_a_new_session_at_what_was_received() {
+    for how in ["failed", "unreachable"] {
+        let (mut h, out) = Harness::opened(config(), vec![vec![4, 0, 0, 0]]);
+        let p = only(polls(&out));
+        let out = h.answer(p.id, heads(vec![poll_page(0, 5..=6, 1, 6)]));
+        let p = only(polls(&out));
         let out = match how {
             "failed" => h.answer(
-                f.id,
+                p.id,
                 Response::Failed {
                     reason: "busy".into(),
                 },
             ),
-            "unreachable" => h.unreachable(f.id),
-            _ => {
-                // The page arrived but our store could not apply it.
-                let out = h.answer(f.id, page(5..=8, 1, 8));
-                let a = applies(&out)[0].clone();
-                h.handle(Event::Local {
-                    id: a.id,
-                    result: Err("disk full".into()),
-                })
-            }
+            _ => h.unreachable(p.id),
         };
-        assert!(feeds(&out).is_empty(), "{how}: {out:?}");
+        assert!(sends(&out).is_empty(), "{how}: {out:?}");
         assert_eq!(h.core.stats().failures, 1, "{how}");
-        assert_eq!(h.core.cursor(0, 0), Some(4), "{how}");
-        assert!(feeds(&h.tick(99)).is_empty(), "{how}: retried too early");
-        let retry = feeds(&h.tick(1));
-        assert_eq!(retry.len(), 1, "{how}");
-        assert_eq!((retry[0].partition, retry[0].after), (0, 4), "{how}");
+        assert!(h.tick(99).is_empty(), "{how}: retried too early");
+        let open = only(polls(&h.tick(1)));
+        assert_eq!((open.session, open.after), (0, vec![6, 0, 0, 0]), "{how}");
     }
-}
-
-/// A failed apply of a poll's page releases the partition and lets polls go on.
-#[test]
-fn a_failed_apply_of_a_polled_page_is_retried() {
-    let (mut h, commands) = Harness::started(config(), vec![vec![4, 0, 0, 0]]);
-    let p = only(polls(&commands));
-    let a = only(applies(
-        &h.answer(p.id, pages(vec![poll_page(0, 5..=8, 1, 8)])),
-    ));
-    let out = h.handle(Event::Local {
-        id: a.id,
-        result: Err("disk full".into()),
-    });
-    assert!(sends(&out).is_empty(), "{out:?}");
-    assert_eq!(h.core.stats().failures, 1);
-    assert_eq!(h.core.cursor(0, 0), Some(4));
-    assert!(h.tick(99).is_empty(), "retried too early");
-    // After the backoff, the partition (its head is known) is fetched again, and the poll
-    // resumes, leaving the partition out.
-    let out = h.tick(1);
-    let f = only(feeds(&out));
-    assert_eq!((f.partition, f.after), (0, 4));
-    assert_eq!(only(polls(&out)).after, vec![u64::MAX, 0, 0, 0]);
 }
 
 #[test]
 fn wrong_kind_answers_are_failures() {
-    let (mut h, commands) = Harness::started(config(), vec![vec![0; 4]]);
-    let p = only(polls(&commands));
+    let (mut h, out) = Harness::opened(config(), vec![vec![0; 4]]);
+    let p = only(polls(&out));
     let out = h.answer(p.id, Response::Pushed);
     assert!(out.is_empty());
     assert_eq!(h.core.stats().failures, 1);
     assert!(h.tick(99).is_empty());
     let retry = h.tick(1);
-    assert_eq!(polls(&retry).len(), 1, "{retry:?}");
-    let out = h.answer_polls(&[3, 0, 0, 0]);
-    let f = feeds(&out)[0].clone();
-    let out = h.answer(f.id, Response::Digest { buckets: vec![1] });
-    assert!(applies(&out).is_empty());
+    let open = only(opens(&retry));
+    // An opening poll answered with something else: another request's answer, a poll's, or
+    // one naming no session.
+    let out = h.answer(open.id, Response::Digest { buckets: vec![1] });
+    assert!(out.is_empty());
     assert_eq!(h.core.stats().failures, 2);
-    assert_eq!(h.core.cursor(0, 0), Some(0));
-    // The partition is not left stuck as "being fetched": it is asked for again.
-    let mut refetched = Vec::new();
-    for _ in 0..10 {
-        refetched.extend(feeds(&h.tick(100)));
-        refetched.extend(feeds(&h.answer_polls(&[3, 0, 0, 0])));
+    let mut backoff = 200;
+    for (n, answer) in [
+        heads(Vec::new()),
+        Response::UnknownSession,
+        Response::Duplicate,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let open = only(opens(&h.tick(backoff)));
+        assert!(h.answer(open.id, answer).is_empty());
+        assert_eq!(h.core.stats().failures, 3 + n as u64);
+        backoff = (backoff * 2).min(800);
     }
-    assert_eq!(refetched.len(), 1, "{refetched:?}");
-    assert_eq!(refetched[0].after, 0);
+    assert_eq!(h.core.cursor(0, 0), Some(0));
+    assert_eq!(h.core.stats().sessions, 1);
 }
 
 #[test]
 fn repeated_wrong_kind_answers_back_off_exponentially() {
     let (mut h, commands) = Harness::started(config(), vec![vec![0; 4]]);
-    let mut id = only(polls(&commands)).id;
+    let mut id = only(opens(&commands)).id;
     let mut expected = 100;
     for round in 0..4 {
         assert!(h.answer(id, Response::Pushed).is_empty());
@@ -1676,33 +1617,24 @@ fn repeated_wrong_kind_answers_back_off_exponentially() {
 
 #[test]
 fn duplicate_late_and_unknown_answers_are_ignored() {
-    let (mut h, commands) = Harness::started(config(), vec![vec![0; 4]]);
-    let first_poll = only(polls(&commands)).id;
-    let f = feeds(&h.answer_polls(&[3, 0, 0, 0]))[0].clone();
+    let (mut h, out) = Harness::opened(config(), vec![vec![0; 4]]);
+    let first = only(polls(&out));
+    let out = h.answer(first.id, heads(vec![poll_page(0, 1..=3, 1, 3)]));
+    let a = only(applies(&out));
     // The poll's answer again, with news.
     assert!(h
-        .answer(
-            first_poll,
-            Response::Heads {
-                last_seqs: vec![9; 4],
-                pages: vec![poll_page(1, 1..=2, 1, 2)],
-            }
-        )
+        .answer(first.id, heads(vec![poll_page(1, 1..=2, 1, 2)]))
         .is_empty());
     assert_eq!(h.core.backlog(0), 3);
-    let out = h.answer(f.id, page(1..=3, 1, 3));
-    let a = applies(&out)[0].clone();
-    // The same page again: nothing to do.
-    assert!(h.answer(f.id, page(1..=3, 1, 3)).is_empty());
     h.local(a.id, LocalResult::Applied);
     assert_eq!(h.core.cursor(0, 0), Some(3));
     let stats = h.core.stats().clone();
     // The same outcome again, and answers to ids never issued.
     assert!(h.local(a.id, LocalResult::Applied).is_empty());
-    assert!(h.answer(999_999, page(4..=9, 1, 9)).is_empty());
     assert!(h
-        .answer(999_996, pages(vec![poll_page(2, 1..=2, 1, 2)]))
+        .answer(999_999, heads(vec![poll_page(0, 4..=9, 1, 9)]))
         .is_empty());
+    assert!(h.answer(999_996, Response::Duplicate).is_empty());
     assert!(h
         .handle(Event::Local {
             id: 999_998,
@@ -1724,13 +1656,14 @@ fn duplicate_late_and_unknown_answers_are_ignored() {
 fn a_restart_reloads_the_cursors_and_forgets_work_in_flight() {
     let config = CoreConfig {
         anti_entropy_interval_ms: 4_000,
-        ..config()
+        ..pipelined(2)
     };
-    let (mut h, _) = Harness::started(config, vec![vec![0; 4]]);
-    let f = feeds(&h.answer_polls(&[5, 0, 0, 0]))[0].clone();
-    let old_poll = h.polls_out[&0].id;
-    let out = h.answer(f.id, page(1..=2, 1, 5));
-    let a = applies(&out)[0].clone();
+    let (mut h, out) = Harness::opened(config, vec![vec![0; 4]]);
+    let [p, old_poll] = &polls(&out)[..] else {
+        panic!("{out:?}")
+    };
+    let out = h.answer(p.id, heads(vec![poll_page(0, 1..=2, 1, 5)]));
+    let a = only(applies(&out));
     // Crash: the page was applied and the cursor stored (at 2), but the outcome was lost.
     let start = h.handle(Event::Start);
     let [(load, LocalOp::LoadCursors)] = locals(&start)[..] else {
@@ -1740,9 +1673,8 @@ fn a_restart_reloads_the_cursors_and_forgets_work_in_flight() {
     assert!(!h.core.is_idle());
     // Answers to the old incarnation's work are ignored.
     assert!(h.local(a.id, LocalResult::Applied).is_empty());
-    assert!(h.answer(f.id, page(1..=5, 1, 5)).is_empty());
     assert!(h
-        .answer(old_poll, pages(vec![poll_page(1, 1..=3, 1, 3)]))
+        .answer(old_poll.id, heads(vec![poll_page(1, 1..=3, 1, 3)]))
         .is_empty());
     assert!(
         h.tick(1_000).is_empty(),
@@ -1750,13 +1682,9 @@ fn a_restart_reloads_the_cursors_and_forgets_work_in_flight() {
     );
     let out = h.local(load, LocalResult::Cursors(vec![vec![2, 0, 0, 0]]));
     assert_eq!(h.core.cursor(0, 0), Some(2));
-    assert_eq!(only(polls(&out)).after, vec![2, 0, 0, 0]);
-    let out = h.answer_polls(&[5, 0, 0, 0]);
-    let f = feeds(&out);
-    assert_eq!(f.len(), 1, "{out:?}");
-    assert_eq!((f[0].partition, f[0].after), (0, 2));
-    let out = h.answer(f[0].id, page(3..=5, 1, 5));
-    h.local(applies(&out)[0].id, LocalResult::Applied);
+    assert_eq!(only(opens(&out)).after, vec![2, 0, 0, 0]);
+    let out = h.answer_open(0, vec![poll_page(0, 3..=5, 1, 5)]);
+    h.local(only(applies(&out)).id, LocalResult::Applied);
     assert_eq!(h.core.cursor(0, 0), Some(5));
     assert_eq!(h.core.cursor(0, 1), Some(0));
 }
@@ -1777,19 +1705,18 @@ fn a_restart_abandons_an_anti_entropy_round() {
 fn lag_is_apply_time_minus_the_writes_physical_time() {
     let (mut h, _) = Harness::started(config(), vec![vec![0; 4], vec![0; 4]]);
     h.now_ms = 10_000;
-    let mut out = h.answer_poll(0, heads_only(&[3, 0, 0, 0]));
-    out.extend(h.answer_poll(1, heads_only(&[0; 4])));
-    let f = feeds(&out)[0].clone();
-    let out = h.answer(
-        f.id,
-        Response::Feed {
+    let out = h.answer_open(
+        0,
+        vec![Page {
+            partition: 0,
             // The third was written by a region whose clock runs ahead of ours.
             entries: vec![entry(1, 9_000), entry(2, 9_500), entry(3, 20_000)],
             first_seq: 1,
             last_seq: 3,
-        },
+        }],
     );
-    let a = applies(&out)[0].clone();
+    h.answer_open(1, Vec::new());
+    let a = only(applies(&out));
     assert_eq!(h.core.lag_ms(0).unwrap().len(), 0, "recorded when applied");
     // Applied 200 ms after the page arrived.
     h.now_ms = 10_200;
@@ -1996,7 +1923,7 @@ fn later_round_steps_respect_the_in_flight_bound() {
         "a second request while one is in flight with requests_in_flight_max = 1: {out:?}"
     );
     // Once the poll is answered, the round goes on (and the next poll waits for the slot).
-    let out = h.answer(poll.id, nothing_new());
+    let out = h.answer(poll.id, heads(Vec::new()));
     let (_, _, request) = only(sends(&out));
     assert!(matches!(request, Request::Buckets { .. }), "{out:?}");
 }
@@ -2017,10 +1944,461 @@ fn a_single_in_flight_slot_is_shared_by_polls_and_anti_entropy() {
     assert_eq!(h.core.in_flight(0), 1);
     // And polls resume as soon as the round frees the slot.
     let out = h.answer(remote, Response::Digest { buckets: vec![5] });
-    assert_eq!(only(polls(&out)).after, vec![0; 4]);
+    assert_eq!(only(polls(&out)).session, h.session(0));
     h.local(local, LocalResult::Digest(vec![5]));
     assert_eq!(h.core.stats().ae_rounds, 1);
     assert_eq!(h.core.stats().failures, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The serving side: poll sessions
+// ---------------------------------------------------------------------------------------------
+
+/// Polls a future that cannot wait (every memory store operation completes at once).
+fn ready<F: Future>(future: F) -> F::Output {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut future = std::pin::pin!(future);
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => panic!("memory store operations complete at once"),
+    }
+}
+
+/// A memory store with `partitions` partitions keeping `feed_entries_max` entries each.
+fn store(partitions: u16, feed_entries_max: usize) -> Arc<MemoryBackend> {
+    Arc::new(MemoryBackend::new(
+        Layout::new(partitions, 4, 1 << 20, feed_entries_max).unwrap(),
+    ))
+}
+
+/// A key of `partition`.
+fn key_in(store: &MemoryBackend, partition: u16) -> Key {
+    (0..)
+        .map(|i| Key::new(format!("c:{i}")).unwrap())
+        .find(|k| store.layout().partition_of(k) == partition)
+        .unwrap()
+}
+
+/// Increments a counter in `partition` at `hlc_ms`; returns the feed sequence number.
+fn write_in(store: &MemoryBackend, partition: u16, hlc_ms: u64) -> u64 {
+    let receipt = ready(store.apply(LocalWrite {
+        key: key_in(store, partition),
+        op: Op::Counter(CounterOp::inc(1)),
+        actor: ActorId::new(1),
+        hlc: Hlc::new(hlc_ms, 0),
+        expect: Expect::Any,
+    }))
+    .unwrap();
+    receipt.seq.unwrap()
+}
+
+fn open_request(after: Vec<u64>, limit: u32) -> Request {
+    Request::Heads {
+        session: 0,
+        after,
+        poll: 0,
+        limit,
+        wait_ms: 0,
+    }
+}
+
+fn poll_request(session: u64, poll: u64, limit: u32) -> Request {
+    Request::Heads {
+        session,
+        after: Vec::new(),
+        poll,
+        limit,
+        wait_ms: 500,
+    }
+}
+
+/// `(partition, seqs)` of each page of a poll's answer.
+fn shipped(response: &Response) -> Vec<(u16, Vec<u64>)> {
+    let (Response::Heads { pages } | Response::Opened { pages, .. }) = response else {
+        panic!("not a poll's answer: {response:?}")
+    };
+    pages
+        .iter()
+        .map(|p| (p.partition, p.entries.iter().map(|e| e.seq).collect()))
+        .collect()
+}
+
+/// Opens a session at `after`; returns its id.
+fn open(server: &Server<MemoryBackend>, after: Vec<u64>) -> u64 {
+    let Response::Opened { session, .. } = ready(server.serve(&open_request(after, 100))) else {
+        panic!()
+    };
+    session
+}
+
+/// Several polls of one session waiting at the peer: a write is sent in one answer, whichever
+/// poll is asked first; the others have nothing new.
+#[test]
+fn a_session_sends_each_entry_once_whichever_of_its_polls_asks() {
+    let store = store(2, 100);
+    let server = Server::new(Arc::clone(&store), ServeLimits::default(), 1);
+    let session = open(&server, vec![0, 0]);
+    let polls: Vec<Request> = (1..=3).map(|n| poll_request(session, n, 100)).collect();
+    for poll in &polls {
+        assert!(ready(server.serve(poll)).is_empty_poll(), "held");
+    }
+    for _ in 0..3 {
+        write_in(&store, 0, 1);
+    }
+    write_in(&store, 1, 1);
+    let answers: Vec<Response> = polls.iter().map(|p| ready(server.serve_held(p))).collect();
+    assert_eq!(shipped(&answers[0]).len(), 2, "{:?}", answers[0]);
+    let mut all: Vec<(u16, Vec<u64>)> = shipped(&answers[0]);
+    all.sort();
+    assert_eq!(all, vec![(0, vec![1, 2, 3]), (1, vec![1])]);
+    assert!(answers[1].is_empty_poll() && answers[2].is_empty_poll());
+    // The next write goes to the next poll asked, alone.
+    write_in(&store, 0, 2);
+    assert_eq!(
+        shipped(&ready(server.serve_held(&polls[2]))),
+        vec![(0, vec![4])]
+    );
+    assert!(ready(server.serve_held(&polls[1])).is_empty_poll());
+    // Another session (another puller) gets everything after its own cursors, at once.
+    let answer = ready(server.serve(&open_request(vec![2, 0], 100)));
+    let mut got = shipped(&answer);
+    got.sort();
+    assert_eq!(got, vec![(0, vec![3, 4]), (1, vec![1])]);
+}
+
+/// An opening poll is answered at once with what follows its cursors; `u64::MAX` asks
+/// nothing of a partition.
+#[test]
+fn an_opening_poll_is_answered_with_what_follows_its_cursors() {
+    let store = store(2, 100);
+    for _ in 0..3 {
+        write_in(&store, 0, 1);
+    }
+    write_in(&store, 1, 1);
+    let server = Server::new(Arc::clone(&store), ServeLimits::default(), 1);
+    let response = ready(server.serve(&open_request(vec![1, u64::MAX], 100)));
+    let Response::Opened { session, pages } = &response else {
+        panic!("{response:?}")
+    };
+    assert_eq!(shipped(&response), vec![(0, vec![2, 3])]);
+    assert_eq!((pages[0].first_seq, pages[0].last_seq), (1, 3));
+    write_in(&store, 1, 1);
+    assert!(ready(server.serve(&poll_request(*session, 1, 100))).is_empty_poll());
+}
+
+/// The page limit spreads a backlog over several answers; none repeats another.
+#[test]
+fn a_backlog_is_spread_over_answers_without_repeats() {
+    let store = store(2, 100);
+    for _ in 0..5 {
+        write_in(&store, 0, 1);
+        write_in(&store, 1, 1);
+    }
+    let server = Server::new(Arc::clone(&store), ServeLimits::default(), 1);
+    let opened = ready(server.serve(&open_request(vec![0, 0], 4)));
+    let Response::Opened { session, .. } = opened else {
+        panic!("{opened:?}")
+    };
+    let mut seen: Vec<(u16, u64)> = Vec::new();
+    for n in 0..=3 {
+        let answer = if n == 0 {
+            opened.clone()
+        } else {
+            ready(server.serve(&poll_request(session, n, 4)))
+        };
+        let pages = shipped(&answer);
+        let count: usize = pages.iter().map(|(_, s)| s.len()).sum();
+        assert_eq!(count, [4, 4, 2, 0][n as usize], "{answer:?}");
+        for (partition, seqs) in pages {
+            seen.extend(seqs.into_iter().map(|s| (partition, s)));
+        }
+    }
+    seen.sort();
+    let expected: Vec<(u16, u64)> = (0..2).flat_map(|p| (1..=5).map(move |s| (p, s))).collect();
+    assert_eq!(seen, expected);
+}
+
+#[test]
+fn a_poll_number_seen_before_is_answered_as_a_duplicate() {
+    let store = store(2, 100);
+    let server = Server::new(Arc::clone(&store), ServeLimits::default(), 1);
+    let session = open(&server, vec![0, 0]);
+    let poll = poll_request(session, 1, 100);
+    assert!(ready(server.serve(&poll)).is_empty_poll());
+    write_in(&store, 0, 1);
+    assert_eq!(ready(server.serve(&poll)), Response::Duplicate);
+    // Asking again for a held poll is not a duplicate.
+    assert_eq!(
+        shipped(&ready(server.serve_held(&poll))),
+        vec![(0, vec![1])]
+    );
+    assert_eq!(
+        ready(server.serve(&poll_request(session, 0, 100))),
+        Response::Duplicate
+    );
+    // Numbers far older than the newest ones count as seen.
+    for n in 2..=100 {
+        ready(server.serve(&poll_request(session, n, 100)));
+    }
+    assert_eq!(
+        ready(server.serve(&poll_request(session, 20, 100))),
+        Response::Duplicate
+    );
+    assert!(ready(server.serve(&poll_request(session, 101, 100))).is_empty_poll());
+}
+
+/// A session the server does not know (it restarted, or forgot it) is answered at once as
+/// such (not an empty poll: a runtime must not hold it).
+#[test]
+fn an_unknown_session_is_answered_at_once() {
+    let store = store(2, 100);
+    let server = Server::new(Arc::clone(&store), ServeLimits::default(), 1);
+    let session = open(&server, vec![0, 0]);
+    let restarted = Server::new(Arc::clone(&store), ServeLimits::default(), 1 << 32);
+    let answer = ready(restarted.serve(&poll_request(session, 1, 100)));
+    assert_eq!(answer, Response::UnknownSession);
+    assert!(!answer.is_empty_poll());
+    assert_ne!(open(&restarted, vec![0, 0]), session, "ids do not repeat");
+}
+
+#[test]
+fn the_least_recently_used_session_is_forgotten_beyond_sessions_max() {
+    let store = store(2, 100);
+    let limits = ServeLimits {
+        sessions_max: 2,
+        ..ServeLimits::default()
+    };
+    let server = Server::new(Arc::clone(&store), limits, 1);
+    let first = open(&server, vec![0, 0]);
+    let second = open(&server, vec![0, 0]);
+    assert!(ready(server.serve(&poll_request(first, 1, 100))).is_empty_poll());
+    let third = open(&server, vec![0, 0]);
+    assert_eq!(server.sessions(), 2);
+    assert_eq!(
+        ready(server.serve(&poll_request(second, 1, 100))),
+        Response::UnknownSession
+    );
+    assert!(ready(server.serve(&poll_request(first, 2, 100))).is_empty_poll());
+    assert!(ready(server.serve(&poll_request(third, 1, 100))).is_empty_poll());
+}
+
+/// A feed trimmed past the session's position: the page tells where it resumes (with no
+/// entries when nothing is left), and the session moves past the gap.
+#[test]
+fn a_trimmed_feed_gives_a_page_that_tells_where_it_resumes() {
+    let store = store(1, 100);
+    for _ in 0..5 {
+        write_in(&store, 0, 1);
+    }
+    ready(store.trim_feed(0, 5)).unwrap();
+    let server = Server::new(Arc::clone(&store), ServeLimits::default(), 1);
+    let response = ready(server.serve(&open_request(vec![2], 100)));
+    let Response::Opened { session, pages } = &response else {
+        panic!("{response:?}")
+    };
+    assert_eq!(
+        pages,
+        &vec![Page {
+            partition: 0,
+            entries: vec![],
+            first_seq: 6,
+            last_seq: 5
+        }]
+    );
+    assert!(ready(server.serve(&poll_request(*session, 1, 100))).is_empty_poll());
+    write_in(&store, 0, 1);
+    assert_eq!(
+        shipped(&ready(server.serve(&poll_request(*session, 2, 100)))),
+        vec![(0, vec![6])]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole pull loop: a core pulling from a server over 50 ms links
+// ---------------------------------------------------------------------------------------------
+
+/// What travels or fires in [`pull_loop`].
+enum Ev {
+    Request { id: CommandId, request: Request },
+    Response { id: CommandId, response: Response },
+    Write,
+    Tick,
+    Deadline { parked: u64 },
+}
+
+/// What [`pull_loop`] measured.
+#[derive(Debug)]
+struct Pulled {
+    written: u64,
+    /// Entries carried by answers that reached the puller.
+    shipped: u64,
+    applied: u64,
+    /// Of the entries written from `measured_from_ms` on.
+    lag_ms_p99: u64,
+    lag_ms_max: u64,
+    caught_up: bool,
+}
+
+/// One region's core pulling from one peer's [`Server`] over links of `one_way_ms` each way
+/// (no loss, no reordering), while the peer writes once every `gap_ms` from 0.5 s to 3.5 s
+/// (keys spread over 4 partitions); the puller applies to its own memory store and is ticked
+/// every 5 ms. Lag is measured from 1 s on: when writes start after a quiet spell, the first
+/// few take every waiting poll at once, and the writes right after them wait up to a round
+/// trip for polls to come back (as every write could with a single poll); from then on the
+/// polls keep arriving spread out.
+fn pull_loop(polls_per_peer: usize, one_way_ms: u64, gap_ms: u64) -> Pulled {
+    let peer_store = store(4, 100_000);
+    let our_store = store(4, 100_000);
+    let server = Server::new(Arc::clone(&peer_store), ServeLimits::default(), 1);
+    let config = CoreConfig {
+        partitions: 4,
+        polls_per_peer,
+        ..CoreConfig::default()
+    };
+    let names = vec!["peer".to_string()];
+    let mut core = ReplicatorCore::new(config, "self", &names);
+    let mut queue: BTreeMap<(u64, u64), Ev> = BTreeMap::new();
+    let mut seq = 0u64;
+    let mut at = |queue: &mut BTreeMap<(u64, u64), Ev>, t: u64, ev: Ev| {
+        seq += 1;
+        queue.insert((t, seq), ev);
+    };
+    let end_writes_ms = 3_500;
+    let end_ms = end_writes_ms + 2_000;
+    let measured_from_ms = 1_000;
+    at(&mut queue, 0, Ev::Tick);
+    at(&mut queue, 500, Ev::Write);
+    let mut parked: Vec<(u64, CommandId, Request)> = Vec::new();
+    let mut parked_seq = 0u64;
+    let (mut written, mut shipped, mut writes) = (0u64, 0u64, 0u64);
+    let mut lags_ms: Vec<u64> = Vec::new();
+    let mut events = vec![Event::Start];
+    let mut now = 0u64;
+    loop {
+        // The puller handles its events; local operations complete at once.
+        while let Some(event) = events.pop() {
+            for command in core.handle(now, event) {
+                match command {
+                    Command::Local { id, op } => events.push(Event::Local {
+                        id,
+                        result: ready(execute(our_store.as_ref(), &names, op)),
+                    }),
+                    Command::Send { id, request, .. } => {
+                        at(&mut queue, now + one_way_ms, Ev::Request { id, request })
+                    }
+                    _ => panic!("unknown command"),
+                }
+            }
+        }
+        let Some(((t, _), ev)) = queue.pop_first() else {
+            break;
+        };
+        now = t;
+        if now > end_ms {
+            break;
+        }
+        match ev {
+            Ev::Tick => {
+                events.push(Event::Tick);
+                at(&mut queue, now + 5, Ev::Tick);
+            }
+            Ev::Write => {
+                write_in(&peer_store, (writes % 4) as u16, now);
+                writes += 1;
+                written += 1;
+                let held = std::mem::take(&mut parked);
+                for (p, id, request) in held {
+                    let response = ready(server.serve_held(&request));
+                    if response.is_empty_poll() {
+                        parked.push((p, id, request));
+                    } else {
+                        at(&mut queue, now + one_way_ms, Ev::Response { id, response });
+                    }
+                }
+                if now + gap_ms < end_writes_ms {
+                    at(&mut queue, now + gap_ms, Ev::Write);
+                }
+            }
+            Ev::Request { id, request } => {
+                let response = ready(server.serve(&request));
+                let wait_ms = match &request {
+                    Request::Heads { wait_ms, .. } => u64::from(*wait_ms),
+                    _ => 0,
+                };
+                if wait_ms > 0 && response.is_empty_poll() {
+                    parked_seq += 1;
+                    parked.push((parked_seq, id, request));
+                    at(
+                        &mut queue,
+                        now + wait_ms,
+                        Ev::Deadline { parked: parked_seq },
+                    );
+                } else {
+                    at(&mut queue, now + one_way_ms, Ev::Response { id, response });
+                }
+            }
+            Ev::Deadline { parked: p } => {
+                if let Some(i) = parked.iter().position(|(q, _, _)| *q == p) {
+                    let (_, id, request) = parked.remove(i);
+                    let response = ready(server.serve_held(&request));
+                    at(&mut queue, now + one_way_ms, Ev::Response { id, response });
+                }
+            }
+            Ev::Response { id, response } => {
+                if let Response::Heads { pages } | Response::Opened { pages, .. } = &response {
+                    for e in pages.iter().flat_map(|p| &p.entries) {
+                        shipped += 1;
+                        // Applied on arrival: local operations complete at once.
+                        if e.hlc.physical_ms() >= measured_from_ms {
+                            lags_ms.push(now - e.hlc.physical_ms());
+                        }
+                    }
+                }
+                events.push(Event::Remote {
+                    id,
+                    result: Ok(response),
+                });
+            }
+        }
+    }
+    lags_ms.sort_unstable();
+    let caught_up = (0..4).all(|p| {
+        core.cursor(0, p)
+            == Some(
+                ready(peer_store.read_feed(p, u64::MAX, 1))
+                    .unwrap()
+                    .last_seq,
+            )
+    });
+    Pulled {
+        written,
+        shipped,
+        applied: core.stats().entries_applied,
+        lag_ms_p99: lags_ms[lags_ms.len() * 99 / 100],
+        lag_ms_max: lags_ms[lags_ms.len() - 1],
+        caught_up,
+    }
+}
+
+/// With one poll out, a write made while the answer travels back and the next poll travels
+/// out waits for that poll: lag reaches two to three one-way latencies. With several polls out, one
+/// is always waiting at the peer: lag stays within one one-way latency plus the spacing of
+/// the polls (round trip / polls). Either way each entry is shipped once.
+#[test]
+fn pipelined_polls_keep_lag_near_one_one_way_latency_and_ship_each_entry_once() {
+    for gap_ms in [7, 37] {
+        let single = pull_loop(1, 50, gap_ms);
+        assert!(single.caught_up, "{single:?}");
+        assert_eq!(single.shipped, single.written, "{single:?}");
+        assert_eq!(single.applied, single.written, "{single:?}");
+        assert!(single.lag_ms_max > 100, "gap {gap_ms}: {single:?}");
+        let pipelined = pull_loop(4, 50, gap_ms);
+        assert!(pipelined.caught_up, "{pipelined:?}");
+        assert_eq!(pipelined.shipped, pipelined.written, "{pipelined:?}");
+        assert_eq!(pipelined.applied, pipelined.written, "{pipelined:?}");
+        assert!(pipelined.lag_ms_p99 <= 85, "gap {gap_ms}: {pipelined:?}");
+        assert!(pipelined.lag_ms_max <= 90, "gap {gap_ms}: {pipelined:?}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2046,8 +2424,17 @@ enum Action {
         how: How,
         salt: u8,
     },
-    /// The request's answer never comes.
+    /// The request is lost before the peer sees it.
     Lose {
+        pick: usize,
+    },
+    /// The peer answers the request and the answer is lost (a poll's entries count as sent).
+    LoseAnswer {
+        pick: usize,
+    },
+    /// The network delivers the request a second time; the copy is answered now, the
+    /// original stays out.
+    Duplicate {
         pick: usize,
     },
     Local {
@@ -2070,15 +2457,20 @@ enum Action {
         n: u64,
     },
     Restart,
+    /// The peer restarts: it forgets its poll sessions.
+    PeerRestart {
+        peer: usize,
+    },
 }
 
 const PEERS: usize = 2;
 const PARTITIONS: u16 = 4;
 
+/// Three polls asked for, two allowed (three requests in flight, one kept free).
 fn prop_config() -> CoreConfig {
     CoreConfig {
         partitions: PARTITIONS,
-        poll_interval_ms: 100,
+        polls_per_peer: 3,
         pull_wait_ms: 300,
         feed_batch_max: 3,
         requests_in_flight_max: 3,
@@ -2108,6 +2500,8 @@ fn action() -> impl Strategy<Value = Action> {
         8 => (any::<usize>(), how(), any::<u8>())
             .prop_map(|(pick, how, salt)| Action::Answer { pick, how, salt }),
         1 => any::<usize>().prop_map(|pick| Action::Lose { pick }),
+        1 => any::<usize>().prop_map(|pick| Action::LoseAnswer { pick }),
+        1 => any::<usize>().prop_map(|pick| Action::Duplicate { pick }),
         6 => (any::<usize>(), prop::bool::weighted(0.9), any::<u8>())
             .prop_map(|(pick, ok, salt)| Action::Local { pick, ok, salt }),
         1 => any::<usize>().prop_map(|pick| Action::Replay { pick }),
@@ -2116,6 +2510,7 @@ fn action() -> impl Strategy<Value = Action> {
         1 => (0..PEERS, 0..PARTITIONS, 1u64..8)
             .prop_map(|(peer, partition, n)| Action::Trim { peer, partition, n }),
         1 => Just(Action::Restart),
+        1 => (0..PEERS).prop_map(|peer| Action::PeerRestart { peer }),
     ]
 }
 
@@ -2134,15 +2529,26 @@ struct Out {
     id: CommandId,
     peer: PeerId,
     deadline_ms: u64,
-    /// The partition of a feed request.
-    fetching: Option<u16>,
+    /// A poll within a session (a duplicate's answer leaves it out).
+    poll: bool,
 }
 
-/// The peers' feeds, this region's store, and what is out: the world the core runs in.
+/// A peer's poll session, as the peer keeps it.
+#[derive(Clone, Debug)]
+struct ModelSession {
+    sent: Vec<u64>,
+    polls_seen: BTreeSet<u64>,
+}
+
+/// The peers' feeds and poll sessions, this region's store, and what is out: the world the
+/// core runs in.
 struct World {
     h: Harness,
     /// `(first_seq, last_seq)` of each peer's partition feeds.
     feeds: Vec<Vec<(u64, u64)>>,
+    /// Each peer's poll sessions.
+    sessions: Vec<BTreeMap<u64, ModelSession>>,
+    next_session: u64,
     /// The cursors in this region's store.
     stored: Vec<Vec<u64>>,
     /// Requests that may still be answered.
@@ -2157,8 +2563,10 @@ struct World {
     loaded: bool,
     /// The cursor load the core waits for.
     load: Option<CommandId>,
-    /// Feed requests sent.
-    feed_requests: usize,
+    /// How many times each `(peer, partition, seq)` reached the core in a poll's answer.
+    shipped: BTreeMap<(PeerId, u16, u64), u32>,
+    /// Applies that did not start right after the cursor (a gap was jumped).
+    skipping_applies: u64,
 }
 
 impl World {
@@ -2166,6 +2574,8 @@ impl World {
         let mut w = Self {
             h: Harness::new(prop_config(), PEERS),
             feeds: vec![vec![(1, 0); usize::from(PARTITIONS)]; PEERS],
+            sessions: vec![BTreeMap::new(); PEERS],
+            next_session: 1,
             stored: vec![vec![0; usize::from(PARTITIONS)]; PEERS],
             sends: Vec::new(),
             out: Vec::new(),
@@ -2174,7 +2584,8 @@ impl World {
             seen: vec![vec![0; usize::from(PARTITIONS)]; PEERS],
             loaded: false,
             load: None,
-            feed_requests: 0,
+            shipped: BTreeMap::new(),
+            skipping_applies: 0,
         };
         w.step(Event::Start);
         w
@@ -2203,97 +2614,55 @@ impl World {
             let now = self.h.now_ms;
             self.out.retain(|o| o.deadline_ms > now);
         }
-        if let Event::Remote { id, .. } = &event {
-            self.out.retain(|o| o.id != *id);
+        if let Event::Remote { id, result } = &event {
+            let copy = matches!(result, Ok(Response::Duplicate));
+            self.out.retain(|o| o.id != *id || (o.poll && copy));
         }
-        let gaps_before = self.h.core.stats().gaps;
-        let cursors_before = self.cursors();
         let commands = self.h.handle(event.clone());
         self.delivered.push(event);
         if self.delivered.len() > 32 {
             self.delivered.remove(0);
         }
-        let mut skipping_applies = 0;
-        // Cursors each poll of this step was sent with, to check the feed requests after it.
-        let mut polled: BTreeMap<PeerId, Vec<u64>> = BTreeMap::new();
+        let cursors = self.cursors();
         for command in commands {
             match command {
                 Command::Send { id, peer, request } => {
                     assert!(peer < PEERS);
                     let mut deadline_ms = self.h.now_ms + config.request_timeout_ms;
-                    if let Request::Feed {
-                        partition,
+                    let Request::Heads {
+                        session,
                         after,
-                        limit,
-                    } = &request
-                    {
-                        self.feed_requests += 1;
-                        assert_eq!(*limit, config.feed_batch_max);
-                        assert_eq!(Some(*after), self.h.core.cursor(peer, *partition));
-                        assert!(
-                            !self
-                                .out
-                                .iter()
-                                .any(|o| o.peer == peer && o.fetching == Some(*partition)),
-                            "two fetches of one partition at once"
-                        );
-                        assert!(
-                            polled
-                                .get(&peer)
-                                .is_none_or(|after| after[usize::from(*partition)] == u64::MAX),
-                            "a partition fetched with a feed request and a poll at once"
-                        );
-                    }
-                    if let Request::Heads {
-                        after,
+                        poll,
                         limit,
                         wait_ms,
                     } = &request
-                    {
-                        assert_eq!(*limit, config.feed_batch_max);
-                        assert_eq!(u64::from(*wait_ms), config.pull_wait_ms);
+                    else {
                         assert!(
-                            !self.locals.iter().any(|(_, op)| matches!(
-                                op,
-                                LocalOp::ApplyFeed { peer: p, .. } if *p == peer
-                            )),
-                            "a poll while a page of that peer is being applied"
+                            !matches!(request, Request::Feed { .. }),
+                            "the core pulls with polls only"
                         );
+                        self.push_sent(id, peer, request, deadline_ms, false);
+                        continue;
+                    };
+                    assert_eq!(*limit, config.feed_batch_max);
+                    if *session == 0 {
+                        assert_eq!((*poll, *wait_ms), (0, 0), "an opening poll is not held");
                         assert_eq!(after.len(), usize::from(PARTITIONS));
                         for (partition, sent) in after.iter().enumerate() {
-                            let fetching = self
-                                .out
-                                .iter()
-                                .any(|o| o.peer == peer && o.fetching == Some(partition as u16));
-                            if fetching {
-                                assert_eq!(*sent, u64::MAX, "a partition being fetched polled");
-                            } else {
-                                assert_eq!(
-                                    Some(*sent),
-                                    self.h.core.cursor(peer, partition as u16),
-                                    "a poll without the cursor of partition {partition}"
-                                );
-                            }
+                            let cursor = cursors[peer][partition];
+                            let (_, last) = self.feeds[peer][partition];
+                            assert!(
+                                *sent >= cursor && *sent <= last,
+                                "opening at {sent} with cursor {cursor}, feed up to {last}"
+                            );
                         }
-                        polled.insert(peer, after.clone());
+                    } else {
+                        assert!(after.is_empty() && *poll >= 1);
+                        assert_eq!(u64::from(*wait_ms), config.pull_wait_ms);
                         deadline_ms += u64::from(*wait_ms);
                     }
-                    let fetching = match &request {
-                        Request::Feed { partition, .. } => Some(*partition),
-                        _ => None,
-                    };
-                    self.sends.push(Sent {
-                        id,
-                        peer,
-                        request,
-                        sent_ms: self.h.now_ms,
-                    });
-                    self.out.push(Out {
-                        id,
-                        peer,
-                        deadline_ms,
-                        fetching,
-                    });
+                    let poll = *session != 0;
+                    self.push_sent(id, peer, request, deadline_ms, poll);
                 }
                 Command::Local { id, op } => {
                     if let LocalOp::ApplyFeed {
@@ -2303,13 +2672,22 @@ impl World {
                         advance_to,
                     } = &op
                     {
-                        let cursor = cursors_before[*peer][usize::from(*partition)];
+                        assert!(
+                            !self.locals.iter().any(|(_, op)| matches!(
+                                op,
+                                LocalOp::ApplyFeed { peer: p, partition: q, .. }
+                                    if p == peer && q == partition
+                            )),
+                            "two applies of one partition at once: the cursor could pass an \
+                             entry not merged yet"
+                        );
+                        let cursor = cursors[*peer][usize::from(*partition)];
                         assert!(*advance_to > cursor, "an apply that changes nothing");
                         let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
                         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
                         assert!(seqs.last().is_none_or(|s| s == advance_to));
                         if seqs.first() != Some(&(cursor + 1)) {
-                            skipping_applies += 1;
+                            self.skipping_applies += 1;
                             let (first, _) = self.feeds[*peer][usize::from(*partition)];
                             assert!(first > cursor + 1, "a gap where there was none");
                         }
@@ -2322,8 +2700,10 @@ impl World {
                 _ => panic!("unknown command"),
             }
         }
+        // A gap is counted when its page arrives; the apply jumping it may come later (once
+        // the page before it is merged).
         assert!(
-            self.h.core.stats().gaps - gaps_before >= skipping_applies,
+            self.h.core.stats().gaps >= self.skipping_applies,
             "entries skipped without a gap"
         );
         // The in-flight bound, per peer.
@@ -2342,8 +2722,7 @@ impl World {
             }
         }
         // Cursors never move back, and never past what the store holds.
-        let now = self.cursors();
-        for (peer, cursors) in now.iter().enumerate() {
+        for (peer, cursors) in cursors.iter().enumerate() {
             for (partition, cursor) in cursors.iter().enumerate() {
                 assert!(*cursor >= self.seen[peer][partition], "cursor moved back");
                 assert!(*cursor <= self.stored[peer][partition]);
@@ -2351,7 +2730,29 @@ impl World {
                 assert!(*cursor <= last, "cursor past the peer's feed");
             }
         }
-        self.seen = now;
+        self.seen = cursors;
+    }
+
+    fn push_sent(
+        &mut self,
+        id: CommandId,
+        peer: PeerId,
+        request: Request,
+        deadline_ms: u64,
+        poll: bool,
+    ) {
+        self.sends.push(Sent {
+            id,
+            peer,
+            request,
+            sent_ms: self.h.now_ms,
+        });
+        self.out.push(Out {
+            id,
+            peer,
+            deadline_ms,
+            poll,
+        });
     }
 
     fn cursors(&self) -> Vec<Vec<u64>> {
@@ -2364,22 +2765,86 @@ impl World {
             .collect()
     }
 
-    fn right_answer(&self, peer: PeerId, request: &Request, salt: u8) -> Response {
+    /// Pages of `peer`'s feeds after `sent`, `limit` entries in all, as a server cuts them;
+    /// raises `sent` past them.
+    fn pages(&self, peer: PeerId, sent: &mut [u64], limit: u32) -> Vec<Page> {
+        let partitions = sent.len() as u64;
+        let mut pages = Vec::new();
+        let mut budget = u64::from(limit.max(1));
+        let start = sent.iter().fold(0u64, |a, c| a.wrapping_add(*c)) % partitions.max(1);
+        for i in 0..partitions {
+            if budget == 0 {
+                break;
+            }
+            let partition = ((start + i) % partitions) as usize;
+            let cursor = sent[partition];
+            let (first, last) = self.feeds[peer][partition];
+            if cursor == u64::MAX || cursor >= last {
+                continue;
+            }
+            let from = (cursor + 1).max(first);
+            let to = last.min(from + budget - 1);
+            let entries: Vec<WireEntry> = (from..=to).map(|s| entry(s, s)).collect();
+            budget -= entries.len() as u64;
+            sent[partition] = to.max(first - 1);
+            pages.push(Page {
+                partition: partition as u16,
+                entries,
+                first_seq: first,
+                last_seq: last,
+            });
+        }
+        pages
+    }
+
+    /// Whether `peer`'s session has anything new to send.
+    fn has_news(&self, peer: PeerId, session: u64) -> bool {
+        self.sessions[peer].get(&session).is_some_and(|s| {
+            s.sent
+                .iter()
+                .zip(&self.feeds[peer])
+                .any(|(c, (_, last))| *c != u64::MAX && c < last)
+        })
+    }
+
+    /// The peer's answer to `request` as it arrives now.
+    fn right_answer(&mut self, peer: PeerId, request: &Request, salt: u8) -> Response {
         match request {
-            Request::Heads { after, limit, .. } => serve_poll(&self.feeds[peer], after, *limit),
-            Request::Feed {
-                partition,
+            Request::Heads {
+                session: 0,
                 after,
                 limit,
+                ..
             } => {
-                let (first, last) = self.feeds[peer][usize::from(*partition)];
-                let from = (after + 1).max(first);
-                let to = last.min(from + u64::from(*limit) - 1);
-                Response::Feed {
-                    entries: (from..=to).map(|s| entry(s, s)).collect(),
-                    first_seq: first,
-                    last_seq: last,
+                let session = self.next_session;
+                self.next_session += 1;
+                self.h.sessions.insert(peer, session);
+                let mut sent = after.clone();
+                let pages = self.pages(peer, &mut sent, *limit);
+                self.sessions[peer].insert(
+                    session,
+                    ModelSession {
+                        sent,
+                        polls_seen: BTreeSet::new(),
+                    },
+                );
+                Response::Opened { session, pages }
+            }
+            Request::Heads {
+                session,
+                poll,
+                limit,
+                ..
+            } => {
+                let Some(mut s) = self.sessions[peer].get(session).cloned() else {
+                    return Response::UnknownSession;
+                };
+                if !s.polls_seen.insert(*poll) {
+                    return Response::Duplicate;
                 }
+                let pages = self.pages(peer, &mut s.sent, *limit);
+                self.sessions[peer].insert(*session, s);
+                Response::Heads { pages }
             }
             Request::Digest { .. } => Response::Digest {
                 buckets: vec![1, 2, 3, u64::from(salt % 2)],
@@ -2400,13 +2865,34 @@ impl World {
 
     /// Whether the peer still holds this request: a poll with nothing new, within its wait.
     fn held(&self, sent: &Sent) -> bool {
-        let Request::Heads { wait_ms, .. } = &sent.request else {
+        let Request::Heads {
+            session, wait_ms, ..
+        } = &sent.request
+        else {
             return false;
         };
-        self.h.now_ms < sent.sent_ms + u64::from(*wait_ms)
-            && self
-                .right_answer(sent.peer, &sent.request, 0)
-                .is_empty_poll()
+        *session != 0
+            && self.sessions[sent.peer].contains_key(session)
+            && !self.has_news(sent.peer, *session)
+            && self.h.now_ms < sent.sent_ms + u64::from(*wait_ms)
+    }
+
+    /// Delivers a peer's answer, counting the entries it carries.
+    fn deliver(&mut self, id: CommandId, peer: PeerId, response: Response) {
+        if let Response::Heads { pages } | Response::Opened { pages, .. } = &response {
+            for page in pages {
+                for e in &page.entries {
+                    *self
+                        .shipped
+                        .entry((peer, page.partition, e.seq))
+                        .or_default() += 1;
+                }
+            }
+        }
+        self.step(Event::Remote {
+            id,
+            result: Ok(response),
+        });
     }
 
     fn local_result(&mut self, op: &LocalOp, salt: u8) -> LocalResult {
@@ -2460,23 +2946,50 @@ impl World {
                 let Sent {
                     id, peer, request, ..
                 } = self.sends.remove(i);
-                let result = match how {
-                    How::Right => Ok(self.right_answer(peer, &request, salt)),
-                    How::Failed => Ok(Response::Failed {
-                        reason: "busy".into(),
+                match how {
+                    How::Right => {
+                        let response = self.right_answer(peer, &request, salt);
+                        self.deliver(id, peer, response);
+                    }
+                    How::Failed => self.step(Event::Remote {
+                        id,
+                        result: Ok(Response::Failed {
+                            reason: "busy".into(),
+                        }),
                     }),
-                    How::Unreachable => Err("unreachable".into()),
-                    How::WrongKind => Ok(match request {
-                        Request::Push { .. } => Response::Digest { buckets: vec![] },
-                        _ => Response::Pushed,
+                    How::Unreachable => self.step(Event::Remote {
+                        id,
+                        result: Err("unreachable".into()),
                     }),
-                };
-                self.step(Event::Remote { id, result });
+                    How::WrongKind => self.step(Event::Remote {
+                        id,
+                        result: Ok(match request {
+                            Request::Push { .. } => Response::Digest { buckets: vec![] },
+                            _ => Response::Pushed,
+                        }),
+                    }),
+                }
             }
             Action::Lose { pick } => {
                 if !self.sends.is_empty() {
                     let n = self.sends.len();
                     self.sends.remove(pick % n);
+                }
+            }
+            Action::LoseAnswer { pick } => {
+                if !self.sends.is_empty() {
+                    let n = self.sends.len();
+                    let Sent { peer, request, .. } = self.sends.remove(pick % n);
+                    self.right_answer(peer, &request, 0);
+                }
+            }
+            Action::Duplicate { pick } => {
+                if !self.sends.is_empty() {
+                    let Sent {
+                        id, peer, request, ..
+                    } = self.sends[pick % self.sends.len()].clone();
+                    let response = self.right_answer(peer, &request, 0);
+                    self.deliver(id, peer, response);
                 }
             }
             Action::Local { pick, ok, salt } => {
@@ -2511,6 +3024,7 @@ impl World {
                 *first = (*first + n).min(*last + 1);
             }
             Action::Restart => self.step(Event::Start),
+            Action::PeerRestart { peer } => self.sessions[peer].clear(),
         }
     }
 
@@ -2530,10 +3044,7 @@ impl World {
                     id, peer, request, ..
                 } = self.sends.remove(i);
                 let response = self.right_answer(peer, &request, 0);
-                self.step(Event::Remote {
-                    id,
-                    result: Ok(response),
-                });
+                self.deliver(id, peer, response);
             } else {
                 let caught_up = (0..PEERS).all(|p| {
                     (0..PARTITIONS)
@@ -2566,11 +3077,12 @@ proptest! {
         ..ProptestConfig::default()
     })]
 
-    /// Any interleaving of answers, losses, failures, duplicates, held polls, writes, trims and
-    /// restarts: no panic, never more than `requests_in_flight_max` requests out to one peer,
-    /// polls carry the cursors (`u64::MAX` for partitions being fetched) and wait for pending
-    /// applies, cursors only move forward and never skip an entry silently, and once the
-    /// network heals the core catches up with every feed and goes idle.
+    /// Any interleaving of answers, losses (of requests and of answers), failures, duplicated
+    /// requests and answers, held polls, writes, trims and restarts of either side: no panic,
+    /// never more than `requests_in_flight_max` requests out to one peer nor more polls of a
+    /// session than allowed, one apply per partition at a time, cursors only move forward and
+    /// never skip an entry silently, and once the network heals the core catches up with every
+    /// feed and goes idle.
     #[test]
     fn arbitrary_interleavings_keep_the_invariants(actions in prop::collection::vec(action(), 1..300)) {
         let mut world = World::new();
@@ -2601,12 +3113,16 @@ fn the_property_world_converges_without_faults() {
         BTreeSet::from_iter(world.seen.iter().flatten().copied()),
         BTreeSet::from([0, 15])
     );
+    assert!(
+        world.shipped.values().all(|n| *n == 1),
+        "an entry shipped twice"
+    );
 }
 
-/// The same with writes arriving while polls are held: a held poll is answered as soon as its
-/// peer has news, and the entries arrive in the poll's pages.
+/// Writes arriving while polls are held: a held poll is answered as soon as its peer has
+/// news, each entry reaches the core once, and only one session per peer is ever opened.
 #[test]
-fn the_property_world_delivers_writes_through_held_polls() {
+fn the_property_world_delivers_writes_through_held_polls_once_each() {
     let mut world = World::new();
     world.heal();
     let requests = world.h.core.stats().requests;
@@ -2620,7 +3136,37 @@ fn the_property_world_delivers_writes_through_held_polls() {
     }
     assert_eq!(world.h.core.stats().entries_applied, 12);
     assert_eq!(world.h.core.stats().failures, 0);
-    // Two entries fit in one page: each write comes in one poll's answer, no feed request.
-    assert_eq!(world.feed_requests, 0);
+    assert_eq!(world.h.core.stats().sessions, PEERS as u64);
+    assert_eq!(world.shipped.len(), 12);
+    assert!(
+        world.shipped.values().all(|n| *n == 1),
+        "an entry shipped twice: {:?}",
+        world.shipped
+    );
     assert!(world.h.core.stats().requests > requests);
+}
+
+/// An answer lost after the peer counted its entries as sent is noticed (the poll times out)
+/// and what it carried arrives with the next session.
+#[test]
+fn the_property_world_recovers_a_lost_answer() {
+    let mut world = World::new();
+    world.heal();
+    world.act(Action::Write {
+        peer: 0,
+        partition: 1,
+        n: 2,
+    });
+    // The peer answers one of its held polls with the news, and the answer is lost.
+    let lost = world
+        .sends
+        .iter()
+        .position(|s| {
+            s.peer == 0 && matches!(s.request, Request::Heads { session, .. } if session != 0)
+        })
+        .unwrap();
+    world.act(Action::LoseAnswer { pick: lost });
+    world.heal();
+    assert_eq!(world.h.core.cursor(0, 1), Some(2));
+    assert_eq!(world.h.core.stats().sessions, PEERS as u64 + 1);
 }

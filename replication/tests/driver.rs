@@ -30,7 +30,7 @@ fn driver_config(anti_entropy_interval_ms: u64) -> DriverConfig {
     DriverConfig {
         core: CoreConfig {
             partitions: PARTITIONS,
-            poll_interval_ms: 20,
+            polls_per_peer: 3,
             pull_wait_ms: 200,
             feed_batch_max: 32,
             requests_in_flight_max: 8,

@@ -12,7 +12,6 @@ use geostate_replication::wire::{Request, Response};
 fn config() -> CoreConfig {
     CoreConfig {
         partitions: 1,
-        poll_interval_ms: 100,
         pull_wait_ms: 60_000,
         anti_entropy_interval_ms: 4_000_000_000,
         request_timeout_ms: 1_000,
@@ -269,7 +268,8 @@ fn a_partition_with_more_tombstones_than_a_round_is_listed_page_by_page() {
     let mut afters = Vec::new();
     for page in 0..3 {
         let mut listed = false;
-        for _ in 0..50 {
+        // Unanswered polls and probes back the peers off (up to 5 s): wait that out.
+        for _ in 0..2_000 {
             now += 10;
             for command in core.handle(now, Event::Tick) {
                 if let Command::Local {

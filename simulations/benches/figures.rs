@@ -16,7 +16,7 @@ use std::time::Instant;
 use geostate_backends::{Expect, Key, Layout, LocalWrite, MemoryBackend, StateBackend};
 use geostate_crdt::{envelope, ActorId, Hlc, Op, SetOp};
 use geostate_replication::core::{Command, CoreConfig, Event, ReplicatorCore};
-use geostate_replication::serve::{execute, serve, ServeLimits};
+use geostate_replication::serve::{execute, ServeLimits, Server};
 use geostate_sim::{run, RunOptions, Scenario};
 use hdrhistogram::Histogram;
 
@@ -119,7 +119,7 @@ fn figure_anti_entropy() {
     };
     let mut core = ReplicatorCore::new(config, "b", &["a".to_string()]);
     let peers = vec!["a".to_string()];
-    let limits = ServeLimits::default();
+    let server = Server::new(Arc::clone(&a), ServeLimits::default(), 1);
     let mut now = 0u64;
     let mut events = vec![Event::Start];
     let mut held = Vec::new();
@@ -148,7 +148,7 @@ fn figure_anti_entropy() {
                     });
                 }
                 Command::Send { id, request, .. } => {
-                    let response = ready(serve(a.as_ref(), request, &limits));
+                    let response = ready(server.serve(&request));
                     let event = Event::Remote {
                         id,
                         result: Ok(response.clone()),

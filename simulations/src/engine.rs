@@ -18,7 +18,7 @@ use geostate_regions::{ManualClock, Region, RegionConfig, RegionId};
 use geostate_replication::core::{
     Command, CommandId, CoreConfig, Event, LocalOp, LocalResult, ReplicatorCore, Stats,
 };
-use geostate_replication::serve::{execute, serve, ServeLimits};
+use geostate_replication::serve::{execute, ServeLimits, Server};
 use geostate_replication::wire::{Request, Response};
 use hdrhistogram::Histogram;
 
@@ -143,7 +143,7 @@ pub struct Outcome {
     pub converge_timeout_ms: u64,
     /// Settings the convergence bound derives from.
     pub anti_entropy_interval_ms: u64,
-    /// Heads poll interval.
+    /// The scenario's poll interval (the first retry backoff).
     pub poll_interval_ms: u64,
     /// Largest one-way latency of the healed network.
     pub link_latency_max_ms: u64,
@@ -259,8 +259,19 @@ struct Node {
     peer_names: Vec<String>,
     /// Stats of crashed incarnations.
     past_stats: Stats,
+    /// The serving half of this region's replicator (it keeps the peers' poll sessions).
+    server: Server<MemoryBackend>,
     /// Long polls held by this region's replicator.
     parked: Vec<Parked>,
+}
+
+/// A server for `store` whose session ids cannot repeat those of an earlier incarnation.
+fn new_server(store: &Arc<MemoryBackend>, incarnation: u64) -> Server<MemoryBackend> {
+    Server::new(
+        Arc::clone(store),
+        ServeLimits::default(),
+        (incarnation + 1) << 32,
+    )
 }
 
 /// Polls a future that cannot wait (every store operation here completes at once).
@@ -328,7 +339,6 @@ struct Sim<'a> {
     converged_ms: Option<u64>,
     finished: bool,
     parked_seq: u64,
-    limits: ServeLimits,
 }
 
 /// Runs `scenario` with `options`; deterministic for a given scenario and seed.
@@ -361,7 +371,9 @@ pub fn run(scenario: &Scenario, options: &RunOptions) -> Result<Outcome, SimErro
             .map_err(|e| SimError::Internal(e.to_string()))?;
         let peers: Vec<usize> = (0..scenario.regions).filter(|&j| j != i).collect();
         let peer_names = peers.iter().map(|&j| region_name(j)).collect();
+        let server = new_server(&store, 0);
         nodes.push(Node {
+            server,
             store,
             region,
             clock,
@@ -419,7 +431,6 @@ pub fn run(scenario: &Scenario, options: &RunOptions) -> Result<Outcome, SimErro
         converged_ms: None,
         finished: false,
         parked_seq: 0,
-        limits: ServeLimits::default(),
     };
     sim.start(options)?;
     while !sim.finished {
@@ -492,7 +503,6 @@ impl Sim<'_> {
         let r = &self.scenario.replication;
         CoreConfig {
             partitions: r.partitions,
-            poll_interval_ms: r.poll_interval_ms,
             feed_batch_max: r.feed_batch_max,
             request_timeout_ms: r.request_timeout_ms,
             anti_entropy_interval_ms: r.anti_entropy_interval_ms,
@@ -566,11 +576,7 @@ impl Sim<'_> {
                     Request::Heads { wait_ms, .. } => u64::from(*wait_ms),
                     _ => 0,
                 };
-                let response = ready(serve(
-                    self.nodes[to].store.as_ref(),
-                    request.clone(),
-                    &self.limits,
-                ))?;
+                let response = ready(self.nodes[to].server.serve(&request))?;
                 if wait_ms > 0 && response.is_empty_poll() {
                     // Nothing new: hold the poll until a local write or the wait runs out.
                     self.parked_seq += 1;
@@ -623,13 +629,15 @@ impl Sim<'_> {
             }
             Ev::Crash(i) => {
                 self.trace(5, i as u64, 0);
-                // Polls it was holding die with it; their senders time out.
+                // Polls it was holding die with it (their senders time out), and so do the
+                // poll sessions it kept.
                 self.nodes[i].parked.clear();
                 if let Some(core) = self.nodes[i].core.take() {
                     let stats = core.stats().clone();
                     add_stats(&mut self.nodes[i].past_stats, &stats);
                 }
                 self.nodes[i].incarnation += 1;
+                self.nodes[i].server = new_server(&self.nodes[i].store, self.nodes[i].incarnation);
             }
             Ev::Restart(i) => {
                 self.trace(6, i as u64, 0);
@@ -981,7 +989,6 @@ impl Sim<'_> {
         };
         match ready(node.store.apply(write))? {
             Ok(receipt) => {
-                let partition = receipt.partition;
                 let fed = receipt.seq.is_some();
                 self.acked.push(AckedWrite {
                     at_ms: self.now_ms,
@@ -991,7 +998,7 @@ impl Sim<'_> {
                     delta: receipt.delta,
                 });
                 if fed {
-                    self.wake_parked(region, partition)?;
+                    self.wake_parked(region)?;
                 }
             }
             Err(_) => self.failed_writes += 1,
@@ -999,21 +1006,28 @@ impl Sim<'_> {
         Ok(())
     }
 
-    /// Answers the long polls `node` holds that want `partition`, which just got a write.
-    fn wake_parked(&mut self, node: usize, partition: u16) -> Result<(), SimError> {
+    /// Answers the long polls `node` holds, one of them just got news: a local write. Polls
+    /// are asked oldest first; once one poll of a session is answered with less than its
+    /// limit, the session's other polls have nothing new and are not asked.
+    fn wake_parked(&mut self, node: usize) -> Result<(), SimError> {
         let held = std::mem::take(&mut self.nodes[node].parked);
+        let mut drained = Vec::new();
         for parked in held {
-            let wants = matches!(&parked.request, Request::Heads { after, .. }
-                if after.get(usize::from(partition)).is_some_and(|c| *c != u64::MAX));
-            if !wants {
+            let Request::Heads { session, limit, .. } = &parked.request else {
+                self.nodes[node].parked.push(parked);
+                continue;
+            };
+            if drained.contains(session) {
                 self.nodes[node].parked.push(parked);
                 continue;
             }
-            let response = ready(serve(
-                self.nodes[node].store.as_ref(),
-                parked.request.clone(),
-                &self.limits,
-            ))?;
+            let response = ready(self.nodes[node].server.serve_held(&parked.request))?;
+            if let Response::Heads { pages, .. } = &response {
+                let sent: usize = pages.iter().map(|p| p.entries.len()).sum();
+                if sent < *limit as usize {
+                    drained.push(*session);
+                }
+            }
             if response.is_empty_poll() {
                 self.nodes[node].parked.push(parked);
             } else {
@@ -1033,11 +1047,7 @@ impl Sim<'_> {
     }
 
     fn answer_parked(&mut self, node: usize, parked: Parked) -> Result<(), SimError> {
-        let response = ready(serve(
-            self.nodes[node].store.as_ref(),
-            parked.request,
-            &self.limits,
-        ))?;
+        let response = ready(self.nodes[node].server.serve_held(&parked.request))?;
         self.transmit(
             node,
             parked.from,

@@ -102,7 +102,9 @@ pub struct Replication {
     pub buckets: u16,
     /// Feed entries kept per partition (smaller forces anti-entropy after long partitions).
     pub feed_entries_max: usize,
-    /// Heads poll interval.
+    /// First retry delay after a failure (doubling per failure in a row, up to 16 times this
+    /// or the request timeout). Named after the heads poll interval it once was; polls are
+    /// now paced by the measured round trip.
     pub poll_interval_ms: u64,
     /// Time to sweep all partitions with anti-entropy.
     pub anti_entropy_interval_ms: u64,

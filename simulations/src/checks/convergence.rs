@@ -14,21 +14,23 @@
 //! no bound holds deterministically: only convergence itself is checked). One-way delays are
 //! then at most `L = link_latency_max_ms`, so a request and its answer take at most
 //! `RTT = 2L`. With the replicators' settings (`T` request timeout, `B` longest retry backoff,
-//! `t` tick, `p` heads poll interval, `P` partitions, `F` feed entries per page, `Q` requests
-//! in flight per peer, `K` digest buckets, `Kr` buckets and `Kk` keys per anti-entropy round),
-//! `N` acknowledged writes, `D` distinct keys written and `S` the sampling period:
+//! `t` tick, `p` first retry delay (the scenario's `poll_interval_ms`), `P` partitions, `F`
+//! feed entries per page, `Q` requests in flight per peer, `K` digest buckets, `Kr` buckets and
+//! `Kk` keys per anti-entropy round), `N` acknowledged writes, `D` distinct keys written and
+//! `S` the sampling period:
 //!
 //! 1. **settle = `T + B + 2t`.** A request sent before the heal is answered or expires by
 //!    `heal + T`, noticed at the next tick (`+ t`). The last failure backs its peer off for at
 //!    most `B`, again noticed at a tick (`+ t`). After that no request fails: the network is
 //!    healed and lossless. A replicator still down at the heal restarts there, with no
 //!    backoff.
-//! 2. **discover = `p + RTT`.** The next heads poll starts within `p`, and its answer names
-//!    every partition's last feed entry (no writes happen after the heal).
-//! 3. **feed = `RTT * (ceil(P / (Q - 3)) + ceil(N / F))`.** Every partition behind its head is
-//!    fetched at once, up to `Q` requests in flight per peer, of which the heads poll and an
-//!    anti-entropy round hold at most three: `ceil(P / (Q - 3))` waves. A backlog longer than
-//!    a page (at most `N` entries in all) costs one more round trip per `F` entries. Feeds
+//! 2. **discover = `p + RTT`.** Each replicator then has a poll session open with each peer
+//!    (polls waiting there), or opens one at once: the opening poll is answered at once with
+//!    the entries after its cursors. `p` (the first retry delay) is slack.
+//! 3. **feed = `RTT * (ceil(P / (Q - 3)) + ceil(N / F))`.** A backlog is shipped `F` entries
+//!    per poll answer, several polls per round trip; counting one page per round trip per `F`
+//!    entries (at most `N` entries in all), plus `ceil(P / (Q - 3))` round trips as in the
+//!    earlier design that fetched lagging partitions one request each, over-counts. Feeds
 //!    carry every write that was not trimmed, so without trimming this is the last step.
 //! 4. **repair = `P * (3 * (ceil(K / Kr) + ceil(D / Kk)) + 1) * RTT`, only if a feed gap was
 //!    found** (`stats.gaps > 0`: a peer trimmed entries before they were applied). A gap
@@ -80,7 +82,7 @@ pub fn bound(outcome: &Outcome) -> Bound {
         keys.len() as u64
     };
     let settle = c.request_timeout_ms + c.retry_backoff_max_ms + 2 * outcome.tick_ms;
-    let discover = c.poll_interval_ms + rtt;
+    let discover = outcome.poll_interval_ms + rtt;
     let waves = ceil_div(
         partitions,
         (c.requests_in_flight_max as u64).saturating_sub(3),

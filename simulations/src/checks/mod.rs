@@ -251,7 +251,6 @@ pub(crate) mod testkit {
             link_loss_healed: 0.0,
             core: CoreConfig {
                 partitions: 16,
-                poll_interval_ms: 50,
                 anti_entropy_interval_ms: 2_000,
                 request_timeout_ms: 1_000,
                 retry_backoff_ms: 50,
