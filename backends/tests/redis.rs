@@ -347,7 +347,7 @@ async fn layout_is_fixed_per_namespace_and_purge_cleans_it() {
     };
     let mine = format!("{{{prefix}*");
     assert!(count(mine.clone()) > 300);
-    let deleted = b.purge().await.unwrap();
+    let deleted = b.purge_namespace().await.unwrap();
     assert!(deleted > 300, "purge deleted {deleted} keys");
     assert_eq!(count(mine), 0, "purge leaves nothing of its namespace");
     let k = Key::new("purge:1").unwrap();

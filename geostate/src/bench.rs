@@ -977,7 +977,7 @@ async fn bench_redis(url: &str, duration: Duration) -> Result<StoreReport, Strin
     };
     // Clean up whatever happened: our namespace, then exactly the raw keys this run wrote.
     let mut cleanup = Vec::new();
-    if let Err(e) = backend.purge().await {
+    if let Err(e) = backend.purge_namespace().await {
         cleanup.push(format!("redis: purging our namespace {prefix}: {e}"));
     }
     let mut raw = raw;

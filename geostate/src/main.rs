@@ -2,9 +2,12 @@
 //!
 //! `geostate simulate` runs a deterministic multi-region simulation (the built-in
 //! partition-heal scenario, or a scenario file), checks every invariant and prints a report.
-//! Exit status: 0 when every invariant held, 1 when one failed (the output names the seed and
-//! the command replaying it), 2 for a usage error, an unreadable or invalid scenario, or a plot
-//! that cannot be written.
+//! With `--store redis|postgres|mixed` every region runs on a real store of its own instead of
+//! the embedded one (see `geostate_sim::stores`). Exit status: 0 when every invariant held, 1
+//! when one failed (the output names the seed and the command replaying it) or a real store
+//! could not be started, reached or removed, 2 for a usage error, an unreadable or invalid
+//! scenario, or a plot that cannot be written, 130 after Ctrl-C (a real-store run removes its
+//! servers and schemas first).
 //!
 //! `geostate bench` measures our Redis and PostgreSQL region stores beside the raw client on
 //! the same servers and checks the performance targets (see `bench.rs`). Exit status: 0 when
@@ -20,9 +23,10 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use geostate_sim::report::{Replay, Report};
-use geostate_sim::{checks, run, RunOptions, Scenario, SimError};
+use geostate_sim::stores::POSTGRES_URL_DEFAULT;
+use geostate_sim::{checks, run, RunOptions, Scenario, SimError, StoreChoice, StoreOptions};
 use serde_json::{json, Value};
 
 /// Active-active, multi-region state: tools.
@@ -41,6 +45,10 @@ enum Command {
     /// With no flags it runs the built-in scenario: three regions, one isolated for ten
     /// seconds of the twenty-second fault phase, then healed. The same seed always gives the
     /// same report.
+    ///
+    /// With --store redis, postgres or mixed, each region runs on a real store of its own (a
+    /// redis-server started per region on a free loopback port, a PostgreSQL schema per
+    /// region), removed after the run; faults stay in the simulated network.
     Simulate(SimulateArgs),
     /// Measure merge_crdt, get and 1,000-key batches through a region over Redis and
     /// PostgreSQL beside raw SET / GET / upsert with the same client, and check the targets.
@@ -71,6 +79,15 @@ struct SimulateArgs {
     /// Override the length of the fault phase, in seconds of simulated time.
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
+    /// The store every region runs on (default: the scenario's `store`, else memory). Real
+    /// stores are much slower than the embedded one: the built-in scenario takes tens of
+    /// seconds on them rather than under one.
+    #[arg(long, value_enum, value_name = "STORE")]
+    store: Option<StoreArg>,
+    /// The PostgreSQL database in which PostgreSQL regions get their schemas (created for the
+    /// run and dropped after it).
+    #[arg(long, value_name = "URL", default_value = POSTGRES_URL_DEFAULT)]
+    postgres_url: String,
     /// Print the JSON report instead of the text one.
     #[arg(long)]
     json: bool,
@@ -80,10 +97,38 @@ struct SimulateArgs {
     plot: Option<PathBuf>,
 }
 
+/// `--store`: which store the regions run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum StoreArg {
+    /// The embedded in-memory store (no servers; the default).
+    Memory,
+    /// A redis-server of its own per region (started on a free loopback port, then stopped).
+    Redis,
+    /// A PostgreSQL schema of its own per region (created, then dropped).
+    Postgres,
+    /// Even regions on Redis, odd regions on PostgreSQL.
+    Mixed,
+}
+
+impl From<StoreArg> for StoreChoice {
+    fn from(arg: StoreArg) -> Self {
+        match arg {
+            StoreArg::Memory => StoreChoice::Memory,
+            StoreArg::Redis => StoreChoice::Redis,
+            StoreArg::Postgres => StoreChoice::Postgres,
+            StoreArg::Mixed => StoreChoice::Mixed,
+        }
+    }
+}
+
 /// Exit status for a failed invariant.
 const EXIT_FAILED: u8 = 1;
 /// Exit status for a usage or input error.
 const EXIT_USAGE: u8 = 2;
+/// Exit status after Ctrl-C (128 + SIGINT, as shells report it).
+const EXIT_INTERRUPTED: u8 = 130;
+/// What a run stopped by Ctrl-C prints.
+const INTERRUPTED: &str = "interrupted (Ctrl-C); the run's servers and schemas were removed";
 
 /// An error that stops the command before or outside the simulation itself.
 struct UsageError(String);
@@ -127,6 +172,9 @@ fn load_scenario(args: &SimulateArgs) -> Result<Scenario, UsageError> {
     if let Some(d) = args.duration {
         scenario.duration_s = d;
     }
+    if let Some(store) = args.store {
+        scenario.store = store.into();
+    }
     scenario.validate().map_err(|e| {
         let message = match e {
             SimError::Scenario(m) => m,
@@ -146,6 +194,7 @@ fn simulate(args: &SimulateArgs) -> Result<ExitCode, UsageError> {
         regions: args.regions,
         keys: args.keys,
         duration_s: args.duration,
+        store: args.store.map(StoreChoice::from),
     };
     let seed = args.seed.unwrap_or(scenario.seed);
     if let Some(path) = &args.plot {
@@ -153,9 +202,40 @@ fn simulate(args: &SimulateArgs) -> Result<ExitCode, UsageError> {
         std::fs::File::create(path)
             .map_err(|e| UsageError(format!("cannot write the plot to {}: {e}", path.display())))?;
     }
+    if scenario.store.is_real() {
+        stop_on_ctrl_c();
+    }
     match args.seeds {
         None => single(args, &scenario, &replay, seed),
         Some(n) => sweep(args, &scenario, &replay, seed, n),
+    }
+}
+
+/// Handles Ctrl-C (SIGINT) from now on: rather than dying at once and leaving its servers and
+/// schemas behind, a real-store run stops at its next event and removes them. Best effort: if
+/// the handler cannot be installed, Ctrl-C keeps its default effect.
+fn stop_on_ctrl_c() {
+    std::thread::spawn(|| {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        if runtime.block_on(tokio::signal::ctrl_c()).is_ok() {
+            geostate_sim::stores::request_stop();
+        }
+    });
+}
+
+/// The run options for `seed`: real stores come from the command line's settings.
+fn run_options(args: &SimulateArgs, seed: u64) -> RunOptions {
+    RunOptions {
+        stores: StoreOptions {
+            postgres_url: args.postgres_url.clone(),
+            ..StoreOptions::default()
+        },
+        ..RunOptions::new(seed)
     }
 }
 
@@ -177,9 +257,17 @@ fn single(
     replay: &Replay,
     seed: u64,
 ) -> Result<ExitCode, UsageError> {
-    let outcome = match run(scenario, &RunOptions::new(seed)) {
+    let outcome = match run(scenario, &run_options(args, seed)) {
         Ok(outcome) => outcome,
         Err(SimError::Scenario(m)) => return Err(UsageError(format!("invalid scenario: {m}"))),
+        Err(e @ SimError::Store(_)) => {
+            eprintln!("geostate simulate: seed {seed}: {e}");
+            return Ok(ExitCode::from(EXIT_FAILED));
+        }
+        Err(SimError::Interrupted) => {
+            eprintln!("geostate simulate: {INTERRUPTED}");
+            return Ok(ExitCode::from(EXIT_INTERRUPTED));
+        }
         Err(e) => {
             eprintln!("geostate simulate: FAIL: seed {seed}: {e}");
             eprintln!("replay: {}", replay.command(seed));
@@ -220,13 +308,21 @@ fn single(
 struct SeedResult {
     seed: u64,
     passed: bool,
+    /// Stopped by Ctrl-C.
+    interrupted: bool,
     line: String,
     json: Value,
     svg: Option<String>,
 }
 
-fn run_seed(scenario: &Scenario, replay: &Replay, seed: u64, keep_svg: bool) -> SeedResult {
-    match run(scenario, &RunOptions::new(seed)) {
+fn run_seed(
+    args: &SimulateArgs,
+    scenario: &Scenario,
+    replay: &Replay,
+    seed: u64,
+    keep_svg: bool,
+) -> SeedResult {
+    match run(scenario, &run_options(args, seed)) {
         Ok(outcome) => {
             let results = checks::run_all(&outcome);
             let report = Report::new(scenario, &outcome, &results).with_replay(replay.clone());
@@ -235,6 +331,7 @@ fn run_seed(scenario: &Scenario, replay: &Replay, seed: u64, keep_svg: bool) -> 
             SeedResult {
                 seed,
                 passed,
+                interrupted: false,
                 line: report.summary_line(),
                 json: json!({
                     "seed": seed,
@@ -251,6 +348,7 @@ fn run_seed(scenario: &Scenario, replay: &Replay, seed: u64, keep_svg: bool) -> 
         Err(e) => SeedResult {
             seed,
             passed: false,
+            interrupted: e == SimError::Interrupted,
             line: format!("seed {seed:<6} FAIL  {e}  replay: {}", replay.command(seed)),
             json: json!({
                 "seed": seed,
@@ -289,10 +387,10 @@ fn sweep(
             let next = &next;
             scope.spawn(move || loop {
                 let seed = next.fetch_add(1, Ordering::Relaxed);
-                if seed >= end {
+                if seed >= end || geostate_sim::stores::stop_requested() {
                     break;
                 }
-                let result = run_seed(scenario, replay, seed, want_svg && seed == first);
+                let result = run_seed(args, scenario, replay, seed, want_svg && seed == first);
                 if tx.send(result).is_err() {
                     break;
                 }
@@ -314,6 +412,10 @@ fn sweep(
         }
         results.extend(pending.into_values());
     });
+    if results.iter().any(|r| r.interrupted) {
+        eprintln!("geostate simulate: {INTERRUPTED}");
+        return Ok(ExitCode::from(EXIT_INTERRUPTED));
+    }
     let failed: Vec<&SeedResult> = results.iter().filter(|r| !r.passed).collect();
     let passed = results.len() - failed.len();
     if args.json {

@@ -280,3 +280,192 @@ fn every_scenario_file_passes_at_full_size() {
         assert!(text.contains("0 lost"), "{text}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Real stores: each region on its own redis-server or PostgreSQL schema. Needs redis-server and
+// PostgreSQL at GEOSTATE_PG_URL (default postgres://postgres@127.0.0.1:5432/test), made sure of
+// by scripts/ensure-redis and scripts/ensure-postgres, which these tests run first. Never
+// skips: without a server the test fails and says why.
+
+const PG_DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+fn pg_url() -> String {
+    std::env::var("GEOSTATE_PG_URL").unwrap_or_else(|_| PG_DEFAULT_URL.into())
+}
+
+/// Runs `scripts/ensure-redis` and `scripts/ensure-postgres`; fails with their message.
+fn ensure_servers() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    for script in ["ensure-redis", "ensure-postgres"] {
+        let path = root.join("scripts").join(script);
+        let out = Command::new(&path)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
+        assert!(
+            out.status.success(),
+            "{} failed, so there is no server to simulate on:\n{}{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn store_flag_runs_regions_on_real_stores() {
+    ensure_servers();
+    let url = pg_url();
+    let mut args = SMALL.to_vec();
+    args.extend(["--store", "mixed", "--postgres-url", &url, "--seed", "6"]);
+    let out = run(&args);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", stderr(&out));
+    assert!(
+        text.contains("stores      us-east redis, eu-west postgres, ap-south redis"),
+        "{text}"
+    );
+    assert!(text.contains("0 lost"), "{text}");
+    assert!(text.contains("result      PASS"), "{text}");
+
+    let mut args = SMALL.to_vec();
+    args.extend(["--store", "redis", "--json", "--seed", "6"]);
+    let out = run(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    assert_eq!(v["passed"], true);
+    assert_eq!(v["scenario"]["store"], "redis");
+    let stores = v["stores"].as_array().unwrap();
+    assert_eq!(stores.len(), 3);
+    for s in stores {
+        assert_eq!(s["store"], "redis", "{s}");
+        assert!(
+            s["location"]
+                .as_str()
+                .unwrap()
+                .starts_with("redis-server 127.0.0.1:"),
+            "{s}"
+        );
+    }
+    assert_eq!(
+        v["replay"],
+        "geostate simulate --seed 6 --keys 50 --duration 2 --store redis"
+    );
+    // The same run as on the embedded store, event for event.
+    let mut args = SMALL.to_vec();
+    args.extend(["--json", "--seed", "6"]);
+    let memory: serde_json::Value = serde_json::from_slice(&run(&args).stdout).unwrap();
+    assert_eq!(memory["stores"][0]["store"], "memory");
+    assert_eq!(v["trace_hash"], memory["trace_hash"]);
+}
+
+#[test]
+fn store_errors_exit_with_a_message() {
+    let out = run(&["simulate", "--store", "mysql"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("invalid value 'mysql'"),
+        "{}",
+        stderr(&out)
+    );
+
+    let path = scratch("bad-store.toml");
+    std::fs::write(
+        &path,
+        "name = \"x\"\nregions = 3\nkeys = 10\nduration_s = 1.0\nstore = \"mysql\"\n",
+    )
+    .unwrap();
+    let out = run(&["simulate", "--scenario", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("unknown variant `mysql`"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Nothing answers on port 1: the run cannot start, says why, and exits 1.
+    let mut args = SMALL.to_vec();
+    args.extend([
+        "--store",
+        "postgres",
+        "--postgres-url",
+        "postgres://postgres@127.0.0.1:1/test",
+    ]);
+    let out = run(&args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot connect to PostgreSQL at"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.stdout.is_empty());
+}
+
+/// Runs one statement with `psql`; its unaligned output.
+fn psql(sql: &str) -> String {
+    let out = Command::new("psql")
+        .arg(pg_url())
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run psql ({e}); run scripts/ensure-postgres"));
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Processes whose working directory is one of `pid`'s Redis region directories.
+fn redis_servers_of(pid: u32) -> Vec<String> {
+    let dir = format!("geostate-sim-{pid}_");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path().join("cwd")).ok())
+        .map(|cwd| cwd.display().to_string())
+        .filter(|cwd| cwd.contains(&dir))
+        .collect()
+}
+
+#[test]
+fn ctrl_c_stops_a_real_store_run_and_removes_its_stores() {
+    ensure_servers();
+    let url = pg_url();
+    // The full built-in scenario: long enough to be interrupted.
+    let child = geostate()
+        .args(["simulate", "--store", "mixed", "--postgres-url", &url])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let schemas = format!("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'gs_sim_{pid}_%'");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while psql(&schemas) == "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run created no schema within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let killed = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(130), "{err}\n{}", stdout(&out));
+    assert!(err.contains("interrupted (Ctrl-C)"), "{err}");
+    assert_eq!(psql(&schemas), "0", "schemas left behind");
+    assert_eq!(redis_servers_of(pid), Vec::<String>::new());
+    let dirs: Vec<String> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("geostate-sim-{pid}_")))
+        .collect();
+    assert!(dirs.is_empty(), "{dirs:?}");
+}

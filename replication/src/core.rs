@@ -550,7 +550,7 @@ impl ReplicatorCore {
             })
             .collect();
         Self {
-            gc: gc::Gc::new(config.partitions),
+            gc: gc::Gc::new(config.partitions, region, peers),
             config,
             peers: peers_state,
             started: false,

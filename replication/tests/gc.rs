@@ -23,11 +23,11 @@ fn config() -> CoreConfig {
 
 const TOMBSTONE_HASH: u64 = 0xAA;
 
-/// A core named "self" with peers "peer-0" and "peer-1", started with our cursors on their
+/// A core named "a-self" with peers "peer-0" and "peer-1", started with our cursors on their
 /// feeds at `cursors`; returns it and the time.
 fn started(cursors: [u64; 2]) -> (ReplicatorCore, u64) {
     let peers = vec!["peer-0".to_string(), "peer-1".to_string()];
-    let mut core = ReplicatorCore::new(config(), "self", &peers);
+    let mut core = ReplicatorCore::new(config(), "a-self", &peers);
     let out = core.handle(0, Event::Start);
     let Command::Local { id, .. } = out[0] else {
         panic!("{out:?}")
@@ -152,7 +152,7 @@ fn probes_ask_every_peer_for_every_other_regions_cursor() {
         assert_eq!(*partition, 0);
         assert_eq!(keys, &["k".to_string()]);
         let other = format!("peer-{}", 1 - peer);
-        assert_eq!(origins, &["self".to_string(), other]);
+        assert_eq!(origins, &["a-self".to_string(), other]);
     }
 }
 
@@ -236,7 +236,7 @@ fn a_disabled_collector_never_lists() {
             gc_interval_ms: 0,
             ..config()
         },
-        "self",
+        "a-self",
         &peers,
     );
     let out = core.handle(0, Event::Start);
@@ -307,4 +307,55 @@ fn a_partition_with_more_tombstones_than_a_round_is_listed_page_by_page() {
         afters,
         vec![None, Some("t0".to_string()), Some("t1".to_string())]
     );
+}
+
+#[test]
+fn each_partition_is_collected_by_one_region() {
+    let peers = vec!["a".to_string(), "c".to_string()];
+    let mut core = ReplicatorCore::new(
+        CoreConfig {
+            partitions: 6,
+            ..config()
+        },
+        "b",
+        &peers,
+    );
+    let out = core.handle(0, Event::Start);
+    let Command::Local { id, .. } = out[0] else {
+        panic!()
+    };
+    core.handle(
+        0,
+        Event::Local {
+            id,
+            result: Ok(LocalResult::Cursors(vec![vec![0; 6], vec![0; 6]])),
+        },
+    );
+    let mut listed = Vec::new();
+    for t in 1..=200 {
+        for command in core.handle(t * 10, Event::Tick) {
+            if let Command::Local {
+                id,
+                op: LocalOp::Tombstones { partition, .. },
+            } = command
+            {
+                listed.push(partition);
+                core.handle(
+                    t * 10,
+                    Event::Local {
+                        id,
+                        result: Ok(LocalResult::Tombstones {
+                            items: Vec::new(),
+                            next: None,
+                            head: 0,
+                        }),
+                    },
+                );
+            }
+        }
+    }
+    // "b" ranks second of a, b, c: partitions 1 and 4, in turn.
+    assert!(listed.len() >= 4, "{listed:?}");
+    assert!(listed.iter().all(|p| *p == 1 || *p == 4), "{listed:?}");
+    assert!(listed.contains(&1) && listed.contains(&4));
 }

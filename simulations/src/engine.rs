@@ -1,20 +1,29 @@
-//! The discrete-event loop: regions on the embedded store, replicators running the pure core,
-//! a simulated network, a fault schedule and a client workload, all driven by one seed.
+//! The discrete-event loop: regions on their stores, replicators running the pure core, a
+//! simulated network, a fault schedule and a client workload, all driven by one seed.
 //!
 //! Time is simulated: events are taken from a queue in `(time, sequence)` order, so a run is a
 //! pure function of the scenario and the seed. Each region sees its own clock (the simulated
-//! time plus its skew and jumps). Stores never block, so their async operations are polled to
-//! completion in place.
+//! time plus its skew and jumps).
+//!
+//! The loop is generic over the store ([`StateBackend`]) and runs on one thread, one store
+//! operation at a time: each operation completes before the next event is taken. The embedded
+//! store never waits, so its operations are polled to completion in place. Real stores
+//! ([`crate::stores`]: Redis, PostgreSQL, or both) are awaited on a single-threaded tokio
+//! runtime, blocking the loop meanwhile; since nothing else runs while an operation is in
+//! flight, every operation sees exactly the state the previous ones left, and the run stays a
+//! function of the seed (wall-clock time spent in the stores never enters simulated time).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::future::Future;
 use std::sync::Arc;
 
-use geostate_backends::{Expect, Key, Layout, LocalWrite, MemoryBackend, StateBackend};
+use geostate_backends::{
+    BackendError, Expect, Key, Layout, LocalWrite, MemoryBackend, StateBackend,
+};
 use geostate_conflict::ResolvedValue;
 use geostate_crdt::{envelope, CounterOp, Crdt, FieldOp, Hlc, MapOp, Op, RegisterOp, SetOp};
-use geostate_regions::{ManualClock, Region, RegionConfig, RegionId};
+use geostate_regions::{ManualClock, Region, RegionConfig, RegionError, RegionId};
 use geostate_replication::core::{
     Command, CommandId, CoreConfig, Event, LocalOp, LocalResult, ReplicatorCore, Stats,
 };
@@ -24,6 +33,7 @@ use hdrhistogram::Histogram;
 
 use crate::rng::Rng;
 use crate::scenario::{Fault, LinkModel, Scenario};
+use crate::stores::{Deployment, StoreInfo, StoreOptions};
 use crate::SimError;
 
 /// Names given to regions, in order (then `region-N`).
@@ -135,6 +145,8 @@ pub struct Outcome {
     pub seed: u64,
     /// Region names, by index.
     pub regions: Vec<String>,
+    /// The store each region ran on, by index.
+    pub stores: Vec<StoreInfo>,
     /// When the network healed (end of the fault phase).
     pub heal_ms: u64,
     /// When all regions' digests first agreed after the heal.
@@ -163,7 +175,9 @@ pub struct Outcome {
     pub events: u64,
     /// Every acknowledged write, in order.
     pub acked: Vec<AckedWrite>,
-    /// Writes that failed (none are expected on the embedded store).
+    /// Writes that the store refused without writing anything (none are expected). A write
+    /// whose outcome is unknown (the store was unavailable) stops the run instead, with
+    /// [`SimError::Store`]: the checks need the outcome of every write.
     pub failed_writes: u64,
     /// Final state per region: key -> value.
     pub states: Vec<BTreeMap<String, Crdt>>,
@@ -196,14 +210,18 @@ pub struct RunOptions {
     pub seed: u64,
     /// Metrics sampling period (also how often convergence is checked), simulated ms.
     pub sample_ms: u64,
+    /// Where real stores come from when the scenario's [`store`](Scenario::store) is not
+    /// the embedded one.
+    pub stores: StoreOptions,
 }
 
 impl RunOptions {
-    /// Options with `seed` and a 100 ms sampling period.
+    /// Options with `seed`, a 100 ms sampling period and the default [`StoreOptions`].
     pub fn new(seed: u64) -> Self {
         Self {
             seed,
             sample_ms: 100,
+            stores: StoreOptions::default(),
         }
     }
 }
@@ -247,9 +265,9 @@ enum Ev {
 }
 
 #[derive(Debug)]
-struct Node {
-    store: Arc<MemoryBackend>,
-    region: Region<MemoryBackend>,
+struct Node<B: StateBackend> {
+    store: Arc<B>,
+    region: Region<B>,
     clock: ManualClock,
     offset_ms: i64,
     core: Option<ReplicatorCore>,
@@ -260,13 +278,13 @@ struct Node {
     /// Stats of crashed incarnations.
     past_stats: Stats,
     /// The serving half of this region's replicator (it keeps the peers' poll sessions).
-    server: Server<MemoryBackend>,
+    server: Server<B>,
     /// Long polls held by this region's replicator.
     parked: Vec<Parked>,
 }
 
 /// A server for `store` whose session ids cannot repeat those of an earlier incarnation.
-fn new_server(store: &Arc<MemoryBackend>, incarnation: u64) -> Server<MemoryBackend> {
+fn new_server<S: StateBackend>(store: &Arc<S>, incarnation: u64) -> Server<S> {
     Server::new(
         Arc::clone(store),
         ServeLimits::default(),
@@ -274,7 +292,51 @@ fn new_server(store: &Arc<MemoryBackend>, incarnation: u64) -> Server<MemoryBack
     )
 }
 
-/// Polls a future that cannot wait (every store operation here completes at once).
+/// How the loop completes a store operation.
+#[derive(Clone, Copy, Debug)]
+enum Waiter<'r> {
+    /// The embedded store: every operation completes at once; poll it once, in place.
+    Ready,
+    /// Real stores: block on the run's runtime until the operation completes.
+    Block(&'r tokio::runtime::Runtime),
+}
+
+impl Waiter<'_> {
+    /// Whether the run heeds [`crate::stores::request_stop`] (real stores only: an embedded
+    /// run leaves nothing behind to remove).
+    fn stoppable(self) -> bool {
+        matches!(self, Waiter::Block(_))
+    }
+
+    /// Completes `future`, one store operation (or a short sequence of them).
+    fn wait<F: Future>(self, future: F) -> Result<F::Output, SimError> {
+        match self {
+            Waiter::Ready => ready(future),
+            Waiter::Block(runtime) => Ok(runtime.block_on(future)),
+        }
+    }
+}
+
+/// A store error met outside the protocol's own error handling (sampling, the final reads):
+/// [`SimError::Store`] when the store was unavailable, [`SimError::Internal`] otherwise.
+fn store_failed(region: usize, what: &str, e: BackendError) -> SimError {
+    match e {
+        BackendError::Unavailable(m) => {
+            SimError::Store(format!("region {}: {what}: {m}", region_name(region)))
+        }
+        e => SimError::Internal(e.to_string()),
+    }
+}
+
+/// [`store_failed`] for an error the region handle reports.
+fn region_failed(region: usize, what: &str, e: RegionError) -> SimError {
+    match e {
+        RegionError::Backend(e) => store_failed(region, what, e),
+        e => SimError::Internal(e.to_string()),
+    }
+}
+
+/// Polls a future that cannot wait (every embedded-store operation completes at once).
 fn ready<F: Future>(future: F) -> Result<F::Output, SimError> {
     let waker = std::task::Waker::noop();
     let mut cx = std::task::Context::from_waker(waker);
@@ -312,8 +374,9 @@ fn fnv(hash: &mut u64, bytes: &[u8]) {
     }
 }
 
-struct Sim<'a> {
+struct Sim<'a, B: StateBackend> {
     scenario: &'a Scenario,
+    waiter: Waiter<'a>,
     now_ms: u64,
     heal_ms: u64,
     healed: bool,
@@ -322,7 +385,7 @@ struct Sim<'a> {
     events: BTreeMap<u64, Ev>,
     rng: Rng,
     net_rng: Rng,
-    nodes: Vec<Node>,
+    nodes: Vec<Node<B>>,
     trace: u64,
     processed: u64,
     acked: Vec<AckedWrite>,
@@ -342,10 +405,19 @@ struct Sim<'a> {
 }
 
 /// Runs `scenario` with `options`; deterministic for a given scenario and seed.
+///
+/// On the embedded store (the default [`Scenario::store`]) a run touches nothing outside the
+/// process. On real stores it starts one store per region ([`Deployment`]), runs on them, and
+/// removes them before returning, also when the run fails. A real-store run blocks on every
+/// store operation, so it must not be called from inside an async runtime
+/// ([`SimError::Scenario`] says so).
+///
+/// Errors: [`SimError::Scenario`] for an invalid scenario; [`SimError::Store`] when a real
+/// store cannot be started, reached or removed, or fails during the run;
+/// [`SimError::Interrupted`] when [`crate::stores::request_stop`] stopped a real-store run;
+/// [`SimError::Internal`] for a bug.
 pub fn run(scenario: &Scenario, options: &RunOptions) -> Result<Outcome, SimError> {
     scenario.validate()?;
-    let mut rng = Rng::new(options.seed);
-    let net_rng = rng.fork();
     let r = &scenario.replication;
     let layout = Layout::new(
         r.partitions,
@@ -354,8 +426,64 @@ pub fn run(scenario: &Scenario, options: &RunOptions) -> Result<Outcome, SimErro
         r.feed_entries_max,
     )
     .map_err(|e| SimError::Scenario(e.to_string()))?;
+    if !scenario.store.is_real() {
+        let stores = (0..scenario.regions)
+            .map(|_| Arc::new(MemoryBackend::new(layout.clone())))
+            .collect();
+        let infos = vec![StoreInfo::memory(); scenario.regions];
+        return simulate(scenario, options, &layout, stores, infos, Waiter::Ready);
+    }
+    let deployment = Deployment::start(
+        scenario.store,
+        scenario.regions,
+        &layout,
+        &options.stores,
+        options.seed,
+    )?;
+    let outcome = simulate(
+        scenario,
+        options,
+        &layout,
+        deployment.stores(),
+        deployment.infos(),
+        Waiter::Block(deployment.runtime()),
+    );
+    let stopped = deployment.stop();
+    match (outcome, stopped) {
+        (Ok(outcome), Ok(())) => Ok(outcome),
+        (Ok(_), Err(e)) => Err(e),
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(cleanup)) => Err(match (e, cleanup) {
+            (SimError::Store(m), SimError::Store(c)) => SimError::Store(format!("{m}; and {c}")),
+            // `Interrupted` says the stores were removed: not all were.
+            (SimError::Interrupted, cleanup) => cleanup,
+            (e, _) => e,
+        }),
+    }
+}
+
+/// Runs `scenario` on `stores` (one per region, each laid out as `layout`), completing store
+/// operations with `waiter`.
+fn simulate<B: StateBackend>(
+    scenario: &Scenario,
+    options: &RunOptions,
+    layout: &Layout,
+    stores: Vec<Arc<B>>,
+    infos: Vec<StoreInfo>,
+    waiter: Waiter<'_>,
+) -> Result<Outcome, SimError> {
+    if stores.len() != scenario.regions || infos.len() != scenario.regions {
+        return Err(SimError::Internal(format!(
+            "{} stores for {} regions",
+            stores.len(),
+            scenario.regions
+        )));
+    }
+    let mut rng = Rng::new(options.seed);
+    let net_rng = rng.fork();
+    let r = &scenario.replication;
     let mut nodes = Vec::with_capacity(scenario.regions);
-    for i in 0..scenario.regions {
+    for (i, store) in stores.into_iter().enumerate() {
         let name = region_name(i);
         let id = RegionId::new(name.clone()).map_err(|e| SimError::Internal(e.to_string()))?;
         let mut config = RegionConfig::new(id);
@@ -363,7 +491,6 @@ pub fn run(scenario: &Scenario, options: &RunOptions) -> Result<Outcome, SimErro
         config.layout.buckets = r.buckets;
         config.layout.value_bytes_max = layout.value_bytes_max();
         config.layout.feed_entries_max = r.feed_entries_max;
-        let store = Arc::new(MemoryBackend::new(layout.clone()));
         let clock = ManualClock::new(WALL_CLOCK_EPOCH_MS);
         let region = Region::builder(config, Arc::clone(&store))
             .clock(clock.clone())
@@ -406,6 +533,7 @@ pub fn run(scenario: &Scenario, options: &RunOptions) -> Result<Outcome, SimErro
     let heal_ms = (scenario.duration_s * 1000.0) as u64;
     let mut sim = Sim {
         scenario,
+        waiter,
         now_ms: 0,
         heal_ms,
         healed: false,
@@ -434,6 +562,9 @@ pub fn run(scenario: &Scenario, options: &RunOptions) -> Result<Outcome, SimErro
     };
     sim.start(options)?;
     while !sim.finished {
+        if sim.waiter.stoppable() && crate::stores::stop_requested() {
+            return Err(SimError::Interrupted);
+        }
         let Some(Reverse((at, seq))) = sim.queue.pop() else {
             break;
         };
@@ -445,12 +576,13 @@ pub fn run(scenario: &Scenario, options: &RunOptions) -> Result<Outcome, SimErro
         sim.step(ev, options)?;
     }
     let mut outcome = sim.finish()?;
+    outcome.stores = infos;
     outcome.seed = options.seed;
     outcome.sample_ms = options.sample_ms;
     Ok(outcome)
 }
 
-impl Sim<'_> {
+impl<B: StateBackend> Sim<'_, B> {
     fn schedule(&mut self, at_ms: u64, ev: Ev) {
         self.seq += 1;
         self.queue.push(Reverse((at_ms, self.seq)));
@@ -576,7 +708,7 @@ impl Sim<'_> {
                     Request::Heads { wait_ms, .. } => u64::from(*wait_ms),
                     _ => 0,
                 };
-                let response = ready(self.nodes[to].server.serve(&request))?;
+                let response = self.waiter.wait(self.nodes[to].server.serve(&request))?;
                 if wait_ms > 0 && response.is_empty_poll() {
                     // Nothing new: hold the poll until a local write or the wait runs out.
                     self.parked_seq += 1;
@@ -760,7 +892,8 @@ impl Sim<'_> {
             }
         }
         let node = &self.nodes[i];
-        ready(execute(node.store.as_ref(), &node.peer_names, op))
+        self.waiter
+            .wait(execute(node.store.as_ref(), &node.peer_names, op))
     }
 
     fn link_model(&self) -> LinkModel {
@@ -987,7 +1120,7 @@ impl Sim<'_> {
             hlc: node.region.now(),
             expect: Expect::Any,
         };
-        match ready(node.store.apply(write))? {
+        match self.waiter.wait(node.store.apply(write))? {
             Ok(receipt) => {
                 let fed = receipt.seq.is_some();
                 self.acked.push(AckedWrite {
@@ -1000,6 +1133,13 @@ impl Sim<'_> {
                 if fed {
                     self.wake_parked(region)?;
                 }
+            }
+            Err(BackendError::Unavailable(m)) => {
+                return Err(SimError::Store(format!(
+                    "region {}: a client write's outcome is unknown ({m}); the checks need \
+                     the outcome of every write, so the run stops",
+                    region_name(region)
+                )))
             }
             Err(_) => self.failed_writes += 1,
         }
@@ -1021,7 +1161,9 @@ impl Sim<'_> {
                 self.nodes[node].parked.push(parked);
                 continue;
             }
-            let response = ready(self.nodes[node].server.serve_held(&parked.request))?;
+            let response = self
+                .waiter
+                .wait(self.nodes[node].server.serve_held(&parked.request))?;
             if let Response::Heads { pages, .. } = &response {
                 let sent: usize = pages.iter().map(|p| p.entries.len()).sum();
                 if sent < *limit as usize {
@@ -1047,7 +1189,9 @@ impl Sim<'_> {
     }
 
     fn answer_parked(&mut self, node: usize, parked: Parked) -> Result<(), SimError> {
-        let response = ready(self.nodes[node].server.serve_held(&parked.request))?;
+        let response = self
+            .waiter
+            .wait(self.nodes[node].server.serve_held(&parked.request))?;
         self.transmit(
             node,
             parked.from,
@@ -1064,11 +1208,13 @@ impl Sim<'_> {
     fn digests(&self) -> Result<Vec<Vec<Vec<u64>>>, SimError> {
         let partitions = self.scenario.replication.partitions;
         let mut all = Vec::with_capacity(self.nodes.len());
-        for node in &self.nodes {
+        for (i, node) in self.nodes.iter().enumerate() {
             let mut per = Vec::with_capacity(usize::from(partitions));
             for p in 0..partitions {
-                let d =
-                    ready(node.store.digest(p))?.map_err(|e| SimError::Internal(e.to_string()))?;
+                let d = self
+                    .waiter
+                    .wait(node.store.digest(p))?
+                    .map_err(|e| store_failed(i, "reading a digest", e))?;
                 per.push(d.buckets().to_vec());
             }
             all.push(per);
@@ -1079,16 +1225,18 @@ impl Sim<'_> {
     /// Tombstones held by all regions together.
     fn tombstones(&self) -> Result<u64, SimError> {
         let mut total = 0;
-        for node in &self.nodes {
+        for (i, node) in self.nodes.iter().enumerate() {
             for partition in 0..self.scenario.replication.partitions {
                 let mut after: Option<Key> = None;
                 loop {
-                    let page = ready(node.store.tombstones(
-                        partition,
-                        after.as_ref(),
-                        geostate_backends::PAGE_LIMIT_MAX,
-                    ))?
-                    .map_err(|e| SimError::Internal(e.to_string()))?;
+                    let page = self
+                        .waiter
+                        .wait(node.store.tombstones(
+                            partition,
+                            after.as_ref(),
+                            geostate_backends::PAGE_LIMIT_MAX,
+                        ))?
+                        .map_err(|e| store_failed(i, "listing tombstones", e))?;
                     total += page.items.len() as u64;
                     match page.next {
                         Some(next) => after = Some(next),
@@ -1157,8 +1305,10 @@ impl Sim<'_> {
             let mut bytes = BTreeMap::new();
             let mut after: Option<Key> = None;
             loop {
-                let page = ready(node.store.scan("", after.as_ref(), 10_000))?
-                    .map_err(|e| SimError::Internal(e.to_string()))?;
+                let page = self
+                    .waiter
+                    .wait(node.store.scan("", after.as_ref(), 10_000))?
+                    .map_err(|e| store_failed(i, "scanning the final state", e))?;
                 for item in page.items {
                     let stored = item.value.map_err(|e| SimError::Internal(e.to_string()))?;
                     let payload = envelope::canonical_payload(&stored.value)
@@ -1176,15 +1326,19 @@ impl Sim<'_> {
                 .keys()
                 .filter(|k| KeyKind::of(k) == Some(KeyKind::Opaque))
             {
-                let value =
-                    ready(node.region.get(key))?.map_err(|e| SimError::Internal(e.to_string()))?;
+                let value = self
+                    .waiter
+                    .wait(node.region.get(key))?
+                    .map_err(|e| region_failed(i, "resolving an opaque value", e))?;
                 opaque.insert(key.clone(), value);
             }
-            let records = ready(
-                node.store
-                    .read_conflicts(0, geostate_backends::PAGE_LIMIT_MAX),
-            )?
-            .map_err(|e| SimError::Internal(e.to_string()))?;
+            let records = self
+                .waiter
+                .wait(
+                    node.store
+                        .read_conflicts(0, geostate_backends::PAGE_LIMIT_MAX),
+                )?
+                .map_err(|e| store_failed(i, "reading the conflict feed", e))?;
             conflicts.push(records.len() as u64);
             tombstones.push(values.values().filter(|v| v.is_bottom()).count() as u64);
             let mut total = node.past_stats.clone();
@@ -1201,6 +1355,7 @@ impl Sim<'_> {
             scenario: self.scenario.name.clone(),
             seed: 0,
             regions: (0..self.nodes.len()).map(region_name).collect(),
+            stores: Vec::new(),
             heal_ms: self.heal_ms,
             converged_ms: self.converged_ms,
             converge_timeout_ms: (self.scenario.converge_timeout_s * 1000.0) as u64,

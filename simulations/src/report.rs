@@ -34,6 +34,7 @@ use serde_json::{json, Value};
 use crate::checks::CheckResult;
 use crate::engine::{region_name, Outcome};
 use crate::scenario::{Fault, Scenario};
+use crate::stores::{StoreChoice, StoreKind};
 
 /// The checks that verify the effects of acknowledged writes: while they all pass, no
 /// acknowledged write was lost.
@@ -125,6 +126,8 @@ pub struct Replay {
     pub keys: Option<usize>,
     /// `--duration` override, seconds.
     pub duration_s: Option<f64>,
+    /// `--store` override.
+    pub store: Option<StoreChoice>,
 }
 
 impl Replay {
@@ -135,6 +138,8 @@ impl Replay {
     /// let replay = Replay { scenario_path: Some("my scenarios/a.toml".into()), ..Replay::default() };
     /// assert_eq!(replay.command(7), "geostate simulate --scenario 'my scenarios/a.toml' --seed 7");
     /// assert_eq!(Replay::default().command(1), "geostate simulate --seed 1");
+    /// let mixed = Replay { store: Some(geostate_sim::StoreChoice::Mixed), ..Replay::default() };
+    /// assert_eq!(mixed.command(2), "geostate simulate --seed 2 --store mixed");
     /// ```
     pub fn command(&self, seed: u64) -> String {
         let mut cmd = String::from("geostate simulate");
@@ -150,6 +155,9 @@ impl Replay {
         }
         if let Some(d) = self.duration_s {
             let _ = write!(cmd, " --duration {d}");
+        }
+        if let Some(store) = self.store {
+            let _ = write!(cmd, " --store {store}");
         }
         cmd
     }
@@ -483,6 +491,27 @@ impl<'a> Report<'a> {
         t
     }
 
+    /// The stores the regions ran on, for the text report.
+    fn stores_line(&self) -> String {
+        let o = self.outcome;
+        let kinds: Vec<Option<StoreKind>> = (0..o.regions.len())
+            .map(|i| o.stores.get(i).map(|s| s.kind))
+            .collect();
+        if kinds.iter().all(|k| *k == Some(StoreKind::Memory)) {
+            return "memory (embedded, in-process)".into();
+        }
+        let parts: Vec<String> = o
+            .regions
+            .iter()
+            .zip(&kinds)
+            .map(|(r, k)| format!("{r} {}", k.map_or("unknown", StoreKind::name)))
+            .collect();
+        format!(
+            "{} (each region on its own, removed after the run)",
+            parts.join(", ")
+        )
+    }
+
     fn per_region(&self, values: &[u64]) -> String {
         let parts: Vec<String> = self
             .outcome
@@ -547,6 +576,7 @@ impl<'a> Report<'a> {
             "regions",
             format!("{} ({})", o.regions.len(), o.regions.join(", ")),
         );
+        field(&mut out, "stores", self.stores_line());
         field(
             &mut out,
             "workload",
@@ -772,6 +802,7 @@ impl<'a> Report<'a> {
                 let st = o.stats.get(i).cloned().unwrap_or_default();
                 json!({
                     "region": name,
+                    "store": o.stores.get(i).map(|s| s.kind.name()),
                     "feed_bytes": st.feed_bytes,
                     "anti_entropy_bytes": st.ae_bytes,
                     "anti_entropy_rounds": st.ae_rounds,
@@ -785,6 +816,14 @@ impl<'a> Report<'a> {
                     "tombstones_purged": st.tombstones_purged,
                 })
             })
+            .collect();
+        let stores: Vec<Value> = o
+            .regions
+            .iter()
+            .zip(&o.stores)
+            .map(
+                |(name, s)| json!({"region": name, "store": s.kind.name(), "location": s.location}),
+            )
             .collect();
         let faults: Vec<Value> = self
             .fault_spans()
@@ -825,10 +864,12 @@ impl<'a> Report<'a> {
                 "keys": s.keys,
                 "duration_s": s.duration_s,
                 "writes_per_s": s.workload.writes_per_s,
+                "store": s.store.name(),
             },
             "seed": o.seed,
             "passed": self.passed(),
             "regions": o.regions,
+            "stores": stores,
             "writes": {
                 "acknowledged": o.acked.len(),
                 "lost": self.lost_writes(),
@@ -1025,6 +1066,10 @@ mod tests {
         assert!(r.passed());
         assert!(text.contains("seed        11"), "{text}");
         assert!(text.contains("us-east, eu-west, ap-south"));
+        assert!(
+            text.contains("stores      memory (embedded, in-process)\n"),
+            "{text}"
+        );
         assert!(text.contains(&format!(
             "{} acknowledged, 0 lost",
             thousands(o.acked.len() as u64)
@@ -1105,6 +1150,12 @@ mod tests {
         assert_eq!(v["passed"], true);
         assert_eq!(v["scenario"]["name"], o.scenario.as_str());
         assert_eq!(v["regions"].as_array().unwrap().len(), 3);
+        assert_eq!(v["scenario"]["store"], "memory");
+        assert_eq!(v["stores"].as_array().unwrap().len(), 3);
+        assert_eq!(v["stores"][1]["region"], "eu-west");
+        assert_eq!(v["stores"][1]["store"], "memory");
+        assert_eq!(v["stores"][1]["location"], "in-process");
+        assert_eq!(v["per_region"][2]["store"], "memory");
         assert_eq!(v["writes"]["acknowledged"], o.acked.len() as u64);
         assert_eq!(v["writes"]["lost"], 0);
         assert_eq!(v["heal_ms"], o.heal_ms);

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::stores::StoreChoice;
 use crate::SimError;
 
 /// The relative weights of the write kinds in the workload.
@@ -277,6 +278,11 @@ pub struct Scenario {
     /// The fault schedule.
     #[serde(default)]
     pub faults: Vec<Fault>,
+    /// The store every region runs on: `memory` (the default, embedded), `redis` (a
+    /// `redis-server` per region), `postgres` (a schema per region) or `mixed` (even regions
+    /// on Redis, odd ones on PostgreSQL). `geostate simulate --store` overrides it.
+    #[serde(default)]
+    pub store: StoreChoice,
 }
 
 fn default_converge_timeout_s() -> f64 {
@@ -327,6 +333,7 @@ impl Scenario {
                 from_s: 5.0,
                 until_s: 15.0,
             }],
+            store: StoreChoice::Memory,
         }
     }
 

@@ -747,11 +747,8 @@ impl RedisBackend {
     /// floors, the conflict feed and the layout record); returns how many. Keys written under
     /// the prefix by other clients and never indexed are left alone. Not atomic: concurrent
     /// writers may leave keys behind.
-    ///
-    /// Not to be confused with [`StateBackend::purge`], the garbage collection of one
-    /// tombstone, which this inherent method shadows in method-call syntax: call that one as
-    /// `StateBackend::purge(&store, &key, version)`.
-    pub async fn purge(&self) -> Result<u64, BackendError> {
+    /// (Not [`StateBackend::purge`], the garbage collection of one tombstone.)
+    pub async fn purge_namespace(&self) -> Result<u64, BackendError> {
         let mut deleted = 0u64;
         let mut dirty: Vec<u16> = (0..self.layout.partitions()).collect();
         while !dirty.is_empty() {
@@ -873,6 +870,23 @@ impl RedisBackend {
     async fn snapshots(&self, keys: &[&Key]) -> Vec<Result<Snapshot, BackendError>> {
         let reads: Vec<(&Key, Option<ActorId>)> = keys.iter().map(|k| (*k, None)).collect();
         self.snapshots_for(&reads).await
+    }
+
+    /// `HGETALL` of one of `partition`'s hashes (the digest, the dot floor).
+    async fn hash_of_partition(
+        &self,
+        partition: u16,
+        name: Vec<u8>,
+    ) -> Result<Value, BackendError> {
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(name);
+        self.run_one(
+            u32::from(partition),
+            Req::Cmd(cmd),
+            false,
+            Safety::Idempotent,
+        )
+        .await
     }
 
     /// Reads the snapshots of keys, pipelined; with a writer's actor, a snapshot also carries
@@ -1567,15 +1581,8 @@ impl StateBackend for RedisBackend {
 
     async fn dot_floor(&self, partition: u16) -> Result<VersionVector, BackendError> {
         self.layout.check_partition(partition)?;
-        let mut cmd = redis::cmd("HGETALL");
-        cmd.arg(self.names.floor(partition));
         let reply = self
-            .run_one(
-                u32::from(partition),
-                Req::Cmd(cmd),
-                false,
-                Safety::Idempotent,
-            )
+            .hash_of_partition(partition, self.names.floor(partition))
             .await?;
         let mut floor = VersionVector::new();
         for (actor, counter) in pairs(&reply).ok_or_else(|| unexpected("dot_floor", &reply))? {
@@ -1704,15 +1711,8 @@ impl StateBackend for RedisBackend {
 
     async fn digest(&self, partition: u16) -> Result<PartitionDigest, BackendError> {
         self.layout.check_partition(partition)?;
-        let mut cmd = redis::cmd("HGETALL");
-        cmd.arg(self.names.digest(partition));
         let reply = self
-            .run_one(
-                u32::from(partition),
-                Req::Cmd(cmd),
-                false,
-                Safety::Idempotent,
-            )
+            .hash_of_partition(partition, self.names.digest(partition))
             .await?;
         let mut buckets = vec![0u64; usize::from(self.layout.buckets())];
         for (bucket, fingerprint) in pairs(&reply).ok_or_else(|| unexpected("digest", &reply))? {

@@ -4,6 +4,10 @@
 //! it removed, so a delayed delta cannot resurrect it. It may be purged once no region can ever
 //! again receive a live dot it removed. A round on one partition establishes that:
 //!
+//! Each partition is collected by one region (partition `p` by the region ranked
+//! `p % regions` among all region names), which tells the others what to purge: every region
+//! probing every partition would cost a probe per region pair per partition.
+//!
 //! 1. list the local tombstones of the partition ([`LocalOp::Tombstones`]) and read our own
 //!    feed head `h_self`;
 //! 2. ask every peer ([`Request::Stability`]) for its value hash of each key, its feed head `h_R`
@@ -61,7 +65,11 @@ pub(super) struct Probe {
 pub(super) struct Gc {
     pub(super) round: GcRound,
     round_seq: u64,
-    next_partition: u16,
+    /// The partitions this region collects: every region takes its share (by its rank among
+    /// all region names), so each partition is probed by one region, not by all of them.
+    owned: Vec<u16>,
+    /// Index into `owned` of the next partition to collect.
+    next_partition: usize,
     next_ms: u64,
     /// Tombstones found by the last listing of each partition.
     pending: Vec<u64>,
@@ -71,8 +79,17 @@ pub(super) struct Gc {
 }
 
 impl Gc {
-    pub(super) fn new(partitions: u16) -> Self {
+    pub(super) fn new(partitions: u16, region: &str, peers: &[String]) -> Self {
+        let mut names: Vec<&str> = peers.iter().map(String::as_str).collect();
+        names.push(region);
+        names.sort_unstable();
+        names.dedup();
+        let rank = names.iter().position(|n| *n == region).unwrap_or(0);
+        let regions = names.len().max(1);
         Self {
+            owned: (0..partitions)
+                .filter(|p| usize::from(*p) % regions == rank)
+                .collect(),
             pending: vec![0; usize::from(partitions)],
             resume: vec![None; usize::from(partitions)],
             ..Self::default()
@@ -99,7 +116,7 @@ impl Gc {
 impl ReplicatorCore {
     /// Time between two garbage-collection rounds (one partition each).
     pub(super) fn gc_step_ms(&self) -> u64 {
-        (self.config.gc_interval_ms / u64::from(self.config.partitions.max(1))).max(1)
+        (self.config.gc_interval_ms / (self.gc.owned.len().max(1) as u64)).max(1)
     }
 
     /// The origins a peer reports cursors for: every region but the peer, ourselves first.
@@ -118,6 +135,7 @@ impl ReplicatorCore {
     /// Starts a round when one is due and every peer is reachable with a free slot.
     pub(super) fn gc_schedule(&mut self, now_ms: u64, out: &mut Vec<Command>) {
         if self.config.gc_interval_ms == 0
+            || self.gc.owned.is_empty()
             || !matches!(self.gc.round, GcRound::Idle)
             || self.gc.next_ms > now_ms
         {
@@ -132,8 +150,8 @@ impl ReplicatorCore {
             // Stability needs every region's answer: wait for the next step.
             return;
         }
-        let partition = self.gc.next_partition;
-        self.gc.next_partition = (partition + 1) % self.config.partitions.max(1);
+        let partition = self.gc.owned[self.gc.next_partition % self.gc.owned.len()];
+        self.gc.next_partition = (self.gc.next_partition + 1) % self.gc.owned.len();
         self.gc.round_seq += 1;
         let round = self.gc.round_seq;
         self.gc.round = GcRound::Listing { round, partition };

@@ -242,6 +242,7 @@ pub(crate) mod testkit {
             scenario: "unit".into(),
             seed: 0,
             regions: (0..n).map(region_name).collect(),
+            stores: vec![crate::StoreInfo::memory(); n],
             heal_ms: 1_000,
             converged_ms: Some(1_500),
             converge_timeout_ms: 60_000,
