@@ -49,6 +49,13 @@ pub enum BackendError {
     /// The CRDT core refused the operation (wrong type, counter overflow, ...).
     #[error(transparent)]
     Crdt(#[from] geostate_crdt::Error),
+    /// A TLS connection to the store could not be set up: the server's certificate is not
+    /// trusted or does not name the host, the server does not speak TLS, or a certificate or
+    /// key file is unreadable. Nothing was sent to the store. Retrying does not help until the
+    /// configuration or the server's certificate changes; the store never falls back to an
+    /// unencrypted connection.
+    #[error("TLS failure: {0}")]
+    Tls(String),
     /// The store cannot be reached or failed; the operation may or may not have taken effect.
     #[error("store unavailable: {0}")]
     Unavailable(String),

@@ -51,6 +51,8 @@ pub mod memory;
 pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod secure;
 #[cfg(feature = "testing")]
 pub mod suite;
 pub mod types;

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use geostate_backends::postgres::{PostgresBackend, PostgresConfig, ReadPolicy};
+use geostate_backends::postgres::{PostgresBackend, PostgresConfig, ReadPolicy, SslMode};
 use geostate_backends::{
     suite, BackendError, Expect, FeedEntry, Key, Layout, LocalWrite, StateBackend,
 };
@@ -1125,4 +1125,155 @@ async fn restart_under_load_loses_no_acknowledged_write() {
     );
     drop(b);
     drop(cluster);
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS: the shared server has `ssl = on` with Debian's self-signed "snakeoil" certificate
+// (CN and SAN `localhost`).
+// ---------------------------------------------------------------------------------------------
+
+const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+
+fn assert_tls_refused(result: Result<PostgresBackend, BackendError>, what: &str) {
+    match result {
+        Err(BackendError::Tls(message)) => println!("{what}: refused as expected: {message}"),
+        Err(other) => panic!("{what}: expected a TLS error, got {other:?}"),
+        Ok(_) => panic!("{what}: connected although the certificate must not be trusted"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_are_encrypted_and_untrusted_certificates_refused() {
+    let schemas = Schemas::new("tls");
+    let url = server_url();
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap_or_else(|e| {
+            panic!("cannot reach PostgreSQL at {url}: {e}; run scripts/ensure-postgres")
+        });
+        let ssl: String = sqlx::query_scalar("SHOW ssl")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(
+            ssl, "on",
+            "the test server must have ssl = on (scripts/ensure-postgres)"
+        );
+    }
+
+    // `require`: encrypted (the store's own connections are, per pg_stat_ssl), and a
+    // small part of the suite runs over it.
+    let mut config = schemas.config(schemas.fresh(), suite::small_layout());
+    config.ssl_mode = Some(SslMode::Require);
+    let tls_url = config.primary_url.clone();
+    let store = PostgresBackend::connect(config.clone())
+        .await
+        .unwrap_or_else(|e| panic!("sslmode=require: {e}"));
+    {
+        use sqlx::Connection;
+        let sep = if tls_url.contains('?') { '&' } else { '?' };
+        let mut conn = sqlx::PgConnection::connect(&format!("{tls_url}{sep}sslmode=require"))
+            .await
+            .unwrap();
+        let (ssl, version): (bool, Option<String>) =
+            sqlx::query_as("SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        assert!(ssl, "a sslmode=require session is not encrypted");
+        println!("sslmode=require session: {version:?}");
+        // Every connection the store holds, seen from the server, is encrypted too.
+        let store_sessions: Vec<bool> = sqlx::query_scalar(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = $1",
+        )
+        .bind(&config.application_name)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        assert!(!store_sessions.is_empty(), "the store holds no connection");
+        assert!(store_sessions.iter().all(|&ssl| ssl), "{store_sessions:?}");
+    }
+    let k = key("tls");
+    store.apply(inc(&k, 5, 1, 7, 1)).await.unwrap();
+    assert_eq!(counter_of(&store, &k).await, 5);
+    drop(store);
+    suite::test_small_layout(|| {
+        let mut config = schemas.config(schemas.fresh(), suite::small_layout());
+        config.ssl_mode = Some(SslMode::Require);
+        async move {
+            PostgresBackend::connect(config)
+                .await
+                .unwrap_or_else(|e| panic!("sslmode=require: {e}"))
+        }
+    })
+    .await;
+
+    // verify-full at 127.0.0.1: the certificate names only localhost, so it is refused
+    // whoever is trusted. (Without `ssl_root_cert`, whether the snakeoil certificate's issuer
+    // is trusted depends on the machine: rustls-native-certs loads every file of
+    // /etc/ssl/certs, where Debian keeps the snakeoil certificate, so no assertion on that.)
+    if url.contains("127.0.0.1") {
+        let mut misnamed = schemas.config(schemas.fresh(), suite::small_layout());
+        misnamed.ssl_mode = Some(SslMode::VerifyFull);
+        assert_tls_refused(
+            PostgresBackend::connect(misnamed).await,
+            "verify-full at 127.0.0.1 without a root certificate",
+        );
+    }
+    // Trusting the snakeoil certificate: verify-ca passes at 127.0.0.1, verify-full does not
+    // (the certificate names localhost only), and passes for localhost.
+    assert!(
+        std::path::Path::new(SNAKEOIL).exists(),
+        "{SNAKEOIL} is missing: the server's certificate cannot be trusted by the test"
+    );
+    let mut ca = schemas.config(schemas.fresh(), suite::small_layout());
+    ca.ssl_mode = Some(SslMode::VerifyCa);
+    ca.ssl_root_cert = Some(SNAKEOIL.into());
+    let store = PostgresBackend::connect(ca.clone())
+        .await
+        .unwrap_or_else(|e| panic!("verify-ca with the snakeoil certificate: {e}"));
+    assert!(store.get(&k).await.unwrap().is_none());
+    drop(store);
+    let mut misnamed = ca.clone();
+    misnamed.schema = schemas.fresh();
+    misnamed.ssl_mode = Some(SslMode::VerifyFull);
+    if misnamed.primary_url.contains("127.0.0.1") {
+        assert_tls_refused(
+            PostgresBackend::connect(misnamed.clone()).await,
+            "verify-full at 127.0.0.1 with a certificate for localhost",
+        );
+        let mut full = misnamed;
+        full.schema = schemas.fresh();
+        full.primary_url = full.primary_url.replace("127.0.0.1", "localhost");
+        let store = PostgresBackend::connect(full)
+            .await
+            .unwrap_or_else(|e| panic!("verify-full at localhost: {e}"));
+        assert!(store.get(&k).await.unwrap().is_none());
+        drop(store);
+    }
+
+    // A root certificate with a mode that would not check it is refused, in the config and
+    // in the URL.
+    let mut lax = schemas.config(schemas.fresh(), suite::small_layout());
+    lax.ssl_mode = Some(SslMode::Require);
+    lax.ssl_root_cert = Some(SNAKEOIL.into());
+    assert!(matches!(
+        PostgresBackend::connect(lax).await,
+        Err(BackendError::InvalidArgument(_))
+    ));
+    let mut lax_url = schemas.config(schemas.fresh(), suite::small_layout());
+    let sep = if lax_url.primary_url.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    lax_url.primary_url = format!(
+        "{}{sep}sslmode=require&sslrootcert={SNAKEOIL}",
+        lax_url.primary_url
+    );
+    assert!(matches!(
+        PostgresBackend::connect(lax_url).await,
+        Err(BackendError::InvalidArgument(_))
+    ));
 }

@@ -2,7 +2,8 @@
 //! server (127.0.0.1:6379, made sure of by `scripts/ensure-redis`) and on a 3-primary,
 //! 3-replica cluster this file starts itself; raw corruption written by `redis-cli`; a second
 //! OS process writing to the same key; the circuit breaker and a Sentinel failover on servers
-//! this file starts and stops itself (never the shared one).
+//! this file starts and stops itself (never the shared one); TLS on a server this file starts
+//! with a throwaway CA made by `openssl`.
 //!
 //! Every store gets a unique key prefix; the keys a test created are deleted when it ends,
 //! also when it panics. Nothing here runs FLUSHALL or FLUSHDB.
@@ -14,8 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use geostate_backends::redis::{RedisBackend, RedisConfig};
-use geostate_backends::{suite, Layout};
+use geostate_backends::redis::{RedisBackend, RedisConfig, RedisTls};
+use geostate_backends::{suite, BackendError, Layout};
 
 const SHARED_URL: &str = "redis://127.0.0.1:6379/";
 
@@ -986,4 +987,218 @@ async fn sentinel_failover_resumes_writes_and_keeps_waited_writes() {
         value >= i128::from(acked) && value <= i128::from(acked + maybe),
         "acknowledged {acked}, ambiguous {maybe}, but the counter is {value}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS (on a server this test starts, with a throwaway CA)
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `openssl` with `args` in `dir`; fails the test with its output if it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run openssl (needed to make test certificates): {e}"));
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A throwaway CA named `name` in `dir` (`<name>.pem`, `<name>.key`).
+fn make_ca(dir: &Path, name: &str) -> PathBuf {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=geostate test {name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+        ],
+    );
+    dir.join(format!("{name}.pem"))
+}
+
+/// A server certificate for 127.0.0.1 and localhost signed by the CA `ca` (made by
+/// [`make_ca`]): returns the certificate and key files.
+fn make_server_cert(dir: &Path, ca: &str) -> (PathBuf, PathBuf) {
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+         keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ],
+    );
+    (dir.join("server.pem"), dir.join("server.key"))
+}
+
+impl Servers {
+    /// Starts `redis-server` listening only with TLS (`--port 0`) on `tls_port`, presenting
+    /// `cert`, not asking clients for certificates.
+    fn start_tls(&mut self, tls_port: u16, ca: &Path, cert: &Path, key: &Path) {
+        let log = std::fs::File::create(self.dir.join(format!("{tls_port}.log"))).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &tls_port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .arg("--tls-cert-file")
+            .arg(cert)
+            .arg("--tls-key-file")
+            .arg(key)
+            .arg("--tls-ca-cert-file")
+            .arg(ca)
+            .args(["--tls-auth-clients", "no"])
+            .args(["--dir", self.dir.to_str().unwrap()])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server: {e}"));
+        self.children.push((tls_port, child));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let pong = Command::new("redis-cli")
+                .args(["--tls", "--cacert"])
+                .arg(ca)
+                .args(["-h", "127.0.0.1", "-p", &tls_port.to_string(), "ping"])
+                .stdin(Stdio::null())
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
+                .unwrap_or(false);
+            if pong {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server with TLS on port {tls_port} does not answer; its log:\n{}",
+                std::fs::read_to_string(self.dir.join(format!("{tls_port}.log")))
+                    .unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn assert_tls_refused(result: Result<RedisBackend, BackendError>, what: &str) {
+    match result {
+        Err(BackendError::Tls(message)) => {
+            assert!(message.contains("certificate"), "{what}: {message}");
+            println!("{what}: refused as expected: {message}");
+        }
+        Err(other) => panic!("{what}: expected a TLS error, got {other:?}"),
+        Ok(_) => panic!("{what}: connected although the server's certificate is not trusted"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_server_passes_the_small_layout_cases_and_untrusted_ones_are_refused() {
+    let mut servers = Servers::new("tls");
+    let dir = servers.dir.clone();
+    let ca = make_ca(&dir, "ca");
+    let other_ca = make_ca(&dir, "other-ca");
+    let (cert, key) = make_server_cert(&dir, "ca");
+    let port = Servers::free_ports(1)[0];
+    servers.start_tls(port, &ca, &cert, &key);
+    let url = format!("rediss://127.0.0.1:{port}/");
+
+    let counter = AtomicU64::new(0);
+    let config = |layout: Layout| {
+        RedisConfig::standalone(url.clone())
+            .with_tls(RedisTls::trusting(&ca))
+            .with_key_prefix(format!("t{}:", counter.fetch_add(1, Ordering::Relaxed)))
+            .with_layout(layout)
+    };
+    let started = Instant::now();
+    suite::test_small_layout(|| {
+        let config = config(suite::small_layout());
+        async move { connect(config).await }
+    })
+    .await;
+    println!("small-layout cases over TLS: {:?}", started.elapsed());
+
+    // The server has no plaintext port, so the suite above ran over TLS; it also serves a
+    // client that trusts the CA through its own handle.
+    let store = connect(config(Layout::default())).await;
+    store.ping().await.unwrap();
+
+    // Not trusting the test CA: the system trust store, then another CA.
+    let untrusted = RedisConfig::standalone(url.clone()).with_key_prefix("t-untrusted:");
+    assert_tls_refused(RedisBackend::connect(untrusted).await, "system trust store");
+    let other = RedisConfig::standalone(url.clone())
+        .with_tls(RedisTls::trusting(&other_ca))
+        .with_key_prefix("t-other:");
+    assert_tls_refused(RedisBackend::connect(other).await, "another CA");
+
+    // TLS settings with a plaintext URL are refused before connecting.
+    let plain = RedisConfig::standalone(format!("redis://127.0.0.1:{port}/"))
+        .with_tls(RedisTls::trusting(&ca));
+    assert!(matches!(
+        RedisBackend::connect(plain).await,
+        Err(BackendError::InvalidArgument(_))
+    ));
+    // A CA file that does not exist is a TLS error naming the file.
+    let missing =
+        RedisConfig::standalone(url.clone()).with_tls(RedisTls::trusting(dir.join("missing.pem")));
+    match RedisBackend::connect(missing).await {
+        Err(BackendError::Tls(m)) => assert!(m.contains("missing.pem"), "{m}"),
+        Err(other) => panic!("a missing CA file: expected a TLS error, got {other:?}"),
+        Ok(_) => panic!("connected with a missing CA file"),
+    }
+    drop(store);
+    drop(servers);
 }

@@ -1,6 +1,7 @@
 //! Configuration of the PostgreSQL region store.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::{BackendError, Layout};
@@ -19,6 +20,45 @@ pub enum ReadPolicy {
     RoundRobin,
     /// A replica drawn at random (seeded: see [`PostgresConfig::rng_seed`]).
     Random,
+}
+
+/// Whether and how connections are encrypted and the server authenticated (libpq's
+/// `sslmode`). The store's TLS is rustls; what each mode promises:
+///
+/// | mode | encrypted | server authenticated |
+/// |---|---|---|
+/// | `Disable` | never | no |
+/// | `Prefer` | if the server offers TLS, else plaintext | no |
+/// | `Require` | always (fails if the server refuses TLS) | no: any certificate is accepted |
+/// | `VerifyCa` | always | the certificate chains to a trusted CA; its host name is not checked |
+/// | `VerifyFull` | always | the certificate chains to a trusted CA *and* names the host of the URL |
+///
+/// Only `VerifyFull` protects against an active man in the middle in general; `VerifyCa` does
+/// when the trusted CA signs only your database servers. Unlike libpq, `Require` does not
+/// turn into `VerifyCa` when a root certificate is given: the store refuses that combination
+/// instead (see [`PostgresConfig::ssl_root_cert`]). Trusted CAs are the system's trust store
+/// plus `ssl_root_cert`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SslMode {
+    /// Plaintext only.
+    Disable,
+    /// TLS if the server supports it, without verifying its certificate; plaintext otherwise
+    /// (an attacker on the path can force plaintext). sqlx's and libpq's default.
+    Prefer,
+    /// TLS or fail; the certificate is not verified.
+    Require,
+    /// TLS or fail; the certificate must chain to a trusted CA (host name not checked).
+    VerifyCa,
+    /// TLS or fail; the certificate must chain to a trusted CA and name the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// Whether the mode checks the server's certificate against trusted CAs.
+    pub fn verifies(self) -> bool {
+        matches!(self, SslMode::VerifyCa | SslMode::VerifyFull)
+    }
 }
 
 /// How failed attempts are retried: serialization failures and deadlocks (SQLSTATE 40001,
@@ -81,6 +121,18 @@ impl RetryPolicy {
 /// assert!(config.validate().is_ok());
 /// ```
 ///
+/// TLS is set either in the URLs (`?sslmode=verify-full&sslrootcert=/path/ca.pem`) or with
+/// [`ssl_mode`](Self::ssl_mode) and [`ssl_root_cert`](Self::ssl_root_cert), which override
+/// the URLs' for the primary and every replica:
+///
+/// ```
+/// use geostate_backends::postgres::{PostgresConfig, SslMode};
+/// let mut config = PostgresConfig::new("postgres://geostate@db-primary.internal/geostate");
+/// config.ssl_mode = Some(SslMode::VerifyFull);
+/// config.ssl_root_cert = Some("/etc/geostate/db-ca.pem".into());
+/// assert!(config.validate().is_ok());
+/// ```
+///
 /// Its `Debug` output hides passwords in the URLs.
 #[derive(Clone)]
 #[non_exhaustive]
@@ -140,6 +192,18 @@ pub struct PostgresConfig {
     pub run_migrations: bool,
     /// `application_name` of the connections (shows in `pg_stat_activity`).
     pub application_name: String,
+    /// TLS mode of every connection (see [`SslMode`] for what each promises). `None`: what
+    /// each URL's `sslmode` says, [`SslMode::Prefer`] if it says nothing.
+    pub ssl_mode: Option<SslMode>,
+    /// PEM file of CA certificate(s) trusted in addition to the system trust store, for
+    /// [`SslMode::VerifyCa`] and [`SslMode::VerifyFull`] (overrides a URL's `sslrootcert`).
+    /// With a mode that does not verify, connecting is refused rather than silently not
+    /// checking the certificate.
+    pub ssl_root_cert: Option<PathBuf>,
+    /// PEM files of a client certificate and its key, presented for certificate
+    /// authentication (`hostssl ... cert` in `pg_hba.conf`); both or neither. Override a URL's
+    /// `sslcert` / `sslkey`. The key is read by the driver and never logged.
+    pub ssl_client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl PostgresConfig {
@@ -166,6 +230,9 @@ impl PostgresConfig {
             create_schema: true,
             run_migrations: true,
             application_name: "geostate".to_string(),
+            ssl_mode: None,
+            ssl_root_cert: None,
+            ssl_client_cert: None,
         }
     }
 
@@ -195,6 +262,12 @@ impl PostgresConfig {
                 .any(|c| !c.is_ascii_graphic() && c != ' ')
         {
             return invalid("application_name must be at most 63 printable ASCII bytes");
+        }
+        if self.ssl_root_cert.is_some() && self.ssl_mode.is_some_and(|m| !m.verifies()) {
+            return invalid(
+                "ssl_root_cert is only used by ssl_mode verify-ca or verify-full; with \
+                 another mode the server's certificate would not be checked",
+            );
         }
         Ok(())
     }
@@ -229,6 +302,12 @@ impl fmt::Debug for PostgresConfig {
             .field("create_schema", &self.create_schema)
             .field("run_migrations", &self.run_migrations)
             .field("application_name", &self.application_name)
+            .field("ssl_mode", &self.ssl_mode)
+            .field("ssl_root_cert", &self.ssl_root_cert)
+            .field(
+                "ssl_client_cert",
+                &self.ssl_client_cert.as_ref().map(|(cert, _key)| cert),
+            )
             .finish()
     }
 }
@@ -250,31 +329,15 @@ pub(crate) fn check_schema_name(schema: &str) -> Result<(), BackendError> {
     }
 }
 
-/// `url` with its password (if any) replaced by `***`, for logs and status reports.
+/// `url` with its password (in the userinfo or a `password=` parameter) replaced by `***`,
+/// for logs and status reports.
 ///
 /// ```
 /// use geostate_backends::postgres::redact_url;
 /// assert_eq!(redact_url("postgres://app:s3cret@db:5432/x"), "postgres://app:***@db:5432/x");
 /// assert_eq!(redact_url("postgres://app@db/x"), "postgres://app@db/x");
+/// assert_eq!(redact_url("postgres://db/x?password=s3cret"), "postgres://db/x?password=***");
 /// ```
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_string();
-    };
-    let userinfo = &authority[..at];
-    match userinfo.find(':') {
-        None => url.to_string(),
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..scheme_end + 3],
-            &userinfo[..colon],
-            &rest[at..]
-        ),
-    }
+    crate::secure::redact_url(url)
 }

@@ -132,10 +132,10 @@ use std::time::Duration;
 use geostate_crdt::{envelope, ActorId, Crdt, Hlc, TypeTag, VersionVector};
 use sqlx::migrate::Migrator;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, Postgres};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgSslMode, Postgres};
 use sqlx::{Connection, Row, Transaction};
 
-pub use config::{redact_url, PostgresConfig, ReadPolicy, RetryPolicy};
+pub use config::{redact_url, PostgresConfig, ReadPolicy, RetryPolicy, SslMode};
 pub use replicas::ReplicaStatus;
 
 use crate::backend::{check_origin, local_delta, page_limit};
@@ -238,6 +238,40 @@ fn connect_options(
         BackendError::InvalidArgument(format!("invalid {role} URL {}: {e}", redact_url(url)))
     })?;
     options = options.application_name(&config.application_name);
+    if let Some(mode) = config.ssl_mode {
+        options = options.ssl_mode(match mode {
+            SslMode::Disable => PgSslMode::Disable,
+            SslMode::Prefer => PgSslMode::Prefer,
+            SslMode::Require => PgSslMode::Require,
+            SslMode::VerifyCa => PgSslMode::VerifyCa,
+            SslMode::VerifyFull => PgSslMode::VerifyFull,
+        });
+    }
+    if let Some(root) = &config.ssl_root_cert {
+        options = options.ssl_root_cert(root);
+    }
+    if let Some((cert, key)) = &config.ssl_client_cert {
+        options = options.ssl_client_cert(cert).ssl_client_key(key);
+    }
+    // sqlx trusts the root certificate only when verifying: a root certificate with a mode
+    // that does not verify would look safer than it is.
+    let verifies = matches!(
+        options.get_ssl_mode(),
+        PgSslMode::VerifyCa | PgSslMode::VerifyFull
+    );
+    let url_root_cert = url.split_once('?').is_some_and(|(_, query)| {
+        query.split('&').any(|pair| {
+            let name = pair.split('=').next().unwrap_or_default();
+            matches!(name, "sslrootcert" | "ssl-root-cert" | "ssl-ca")
+        })
+    });
+    if (config.ssl_root_cert.is_some() || url_root_cert) && !verifies {
+        return Err(BackendError::InvalidArgument(format!(
+            "{role} URL {}: a root certificate (sslrootcert) needs sslmode verify-ca or \
+             verify-full; with another mode the server's certificate would not be checked",
+            redact_url(url)
+        )));
+    }
     if let Some(timeout) = config.statement_timeout {
         options = options.options([("statement_timeout", timeout.as_millis().to_string())]);
     }
@@ -399,7 +433,9 @@ async fn prepare_schema(
     let schema = &config.schema;
     let connecting = PgConnection::connect_with(options);
     let mut conn = match tokio::time::timeout(config.acquire_timeout, connecting).await {
-        Ok(connected) => connected.map_err(|e| unavailable("connecting to the primary", e))?,
+        Ok(connected) => connected.map_err(|e| {
+            retry::tls_failure(&e).unwrap_or_else(|| unavailable("connecting to the primary", e))
+        })?,
         Err(_) => {
             return Err(BackendError::Unavailable(format!(
                 "connecting to the primary: no answer within {:?}",

@@ -71,6 +71,9 @@ pub(crate) fn before_commit(e: SqlxError) -> Attempt {
                 Attempt::Fail(unavailable_db(&code, db.message()))
             }
         }
+        SqlxError::Tls(_) | SqlxError::Io(_) if tls_failure(&e).is_some() => {
+            Attempt::Fail(tls_failure(&e).unwrap_or_else(|| BackendError::Tls(e.to_string())))
+        }
         SqlxError::Io(_) | SqlxError::Tls(_) | SqlxError::Protocol(_) => Attempt::Retry {
             kind: RetryKind::Connection,
             error: e.to_string(),
@@ -148,5 +151,16 @@ impl Rng {
         let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
         let half = nanos / 2;
         Duration::from_nanos(half + self.below(nanos - half + 1))
+    }
+}
+
+/// [`BackendError::Tls`] when `e` is a TLS failure (the server refused TLS, its certificate is
+/// not trusted or does not name the host, a certificate file is unreadable), else `None`.
+/// Not retried: it fails the same way until the configuration or the certificate changes.
+pub(crate) fn tls_failure(e: &SqlxError) -> Option<BackendError> {
+    match e {
+        SqlxError::Tls(inner) => Some(BackendError::Tls(format!("PostgreSQL: {inner}"))),
+        _ => crate::secure::tls_cause(e)
+            .map(|cause| BackendError::Tls(format!("PostgreSQL: {cause}"))),
     }
 }

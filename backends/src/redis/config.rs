@@ -1,7 +1,10 @@
 //! How to reach a Redis region store and how hard to try.
 
+use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::secure::redact_url;
 use crate::{BackendError, Layout};
 
 /// Longest key prefix (namespace) accepted, in bytes.
@@ -127,6 +130,79 @@ pub enum Durability {
     },
 }
 
+/// TLS for `rediss://` URLs: whom to trust and, for mutual TLS, who we are.
+///
+/// TLS is switched on by the URL scheme: `rediss://` (TLS) or `redis://` (plaintext). Every
+/// URL of a config must use the same scheme, and setting any file here with `redis://` URLs
+/// is refused by [`RedisConfig::validate`]: a config that asks for TLS never connects
+/// unencrypted. A TLS connection always verifies that the server's certificate chains to a
+/// trusted CA and names the host of the URL (so connect by the name or IP address the
+/// certificate holds); there is no way to switch the verification off (`#insecure` URLs are
+/// refused). In Sentinel mode, `rediss://` sentinel URLs make both the sentinel connections
+/// and the connections to the master they name use TLS, with the same files.
+///
+/// The files are read when the store connects; their contents are never logged, and `Debug`
+/// shows only the paths.
+///
+/// ```
+/// use geostate_backends::redis::{RedisConfig, RedisTls};
+///
+/// let config = RedisConfig::standalone("rediss://cache.internal:6380/")
+///     .with_tls(RedisTls::trusting("/etc/geostate/redis-ca.pem")
+///         .with_client_cert("/etc/geostate/client.pem", "/etc/geostate/client.key"));
+/// assert!(config.validate().is_ok());
+/// // CA files with a plaintext URL: refused rather than silently ignored.
+/// let plain = RedisConfig::standalone("redis://cache.internal:6379/")
+///     .with_tls(RedisTls::trusting("/etc/geostate/redis-ca.pem"));
+/// assert!(plain.validate().is_err());
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisTls {
+    /// PEM file of the CA certificate(s) to trust *instead of* the system trust store.
+    /// `None`: the system's trust store (e.g. `/etc/ssl/certs`).
+    pub ca_cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate chain presented to servers that require client
+    /// certificates (`tls-auth-clients yes`); set with `client_key_file`.
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl RedisTls {
+    /// Trust only the CA certificate(s) in the PEM file `ca_cert_file`.
+    pub fn trusting(ca_cert_file: impl Into<PathBuf>) -> Self {
+        Self {
+            ca_cert_file: Some(ca_cert_file.into()),
+            ..Self::default()
+        }
+    }
+
+    /// These settings, presenting the client certificate `cert_file` with key `key_file`.
+    pub fn with_client_cert(
+        mut self,
+        cert_file: impl Into<PathBuf>,
+        key_file: impl Into<PathBuf>,
+    ) -> Self {
+        self.client_cert_file = Some(cert_file.into());
+        self.client_key_file = Some(key_file.into());
+        self
+    }
+
+    /// Whether any file is set.
+    pub fn is_set(&self) -> bool {
+        self.ca_cert_file.is_some()
+            || self.client_cert_file.is_some()
+            || self.client_key_file.is_some()
+    }
+}
+
+/// Whether `url` asks for TLS (`rediss://`, or `valkeys://`, which redis-rs also accepts).
+pub(crate) fn is_tls_url(url: &str) -> bool {
+    let scheme = url.split("://").next().unwrap_or_default();
+    scheme.eq_ignore_ascii_case("rediss") || scheme.eq_ignore_ascii_case("valkeys")
+}
+
 /// Everything the Redis store needs: where the servers are, the namespace, the layout, and
 /// the retry, contention, breaker and durability policies.
 ///
@@ -139,14 +215,18 @@ pub enum Durability {
 /// assert!(config.validate().is_ok());
 /// assert!(RedisConfig::standalone("redis://x/").with_key_prefix("a{b").validate().is_err());
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// Its `Debug` output hides the passwords in the URLs.
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RedisConfig {
     /// The deployment kind.
     pub mode: RedisMode,
-    /// Server URLs (`redis://[user:password@]host:port[/db]`): the server, cluster seed nodes
-    /// or sentinels, depending on `mode`.
+    /// Server URLs (`redis://[user:password@]host:port[/db]`, or `rediss://...` for TLS):
+    /// the server, cluster seed nodes or sentinels, depending on `mode`. All of one scheme.
     pub urls: Vec<String>,
+    /// CA and client certificate files for `rediss://` URLs (see [`RedisTls`]).
+    pub tls: RedisTls,
     /// Namespace of every Redis key this store uses (default `gs:`). Stores with different
     /// prefixes share a server without seeing each other. 1 to [`KEY_PREFIX_BYTES_MAX`] bytes,
     /// without `{`, `}` (they would break the hash tags) or control characters.
@@ -172,6 +252,7 @@ impl RedisConfig {
         Self {
             mode,
             urls,
+            tls: RedisTls::default(),
             key_prefix: "gs:".to_string(),
             layout: Layout::default(),
             retry: RetryConfig::default(),
@@ -221,6 +302,17 @@ impl RedisConfig {
         self
     }
 
+    /// This config with TLS files (the URLs must be `rediss://`).
+    pub fn with_tls(mut self, tls: RedisTls) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Whether the store connects with TLS (its URLs are `rediss://`).
+    pub fn uses_tls(&self) -> bool {
+        self.urls.first().is_some_and(|u| is_tls_url(u))
+    }
+
     /// Checks the configuration without connecting.
     pub fn validate(&self) -> Result<(), BackendError> {
         let invalid = |what: String| Err(BackendError::InvalidArgument(what));
@@ -246,6 +338,27 @@ impl RedisConfig {
             }
             _ => {}
         }
+        let tls_urls = self.urls.iter().filter(|u| is_tls_url(u)).count();
+        if tls_urls != 0 && tls_urls != self.urls.len() {
+            return invalid("mixing rediss:// (TLS) and plaintext URLs".into());
+        }
+        if tls_urls == 0 && self.tls.is_set() {
+            return invalid(
+                "TLS certificate files are set but the URLs are not rediss://; the store does \
+                 not connect unencrypted when TLS is configured"
+                    .into(),
+            );
+        }
+        if self.urls.iter().any(|u| u.contains('#')) {
+            return invalid(
+                "URL fragments (such as #insecure) are refused: certificate verification \
+                 cannot be switched off"
+                    .into(),
+            );
+        }
+        if self.tls.client_cert_file.is_some() != self.tls.client_key_file.is_some() {
+            return invalid("a client certificate needs its key and vice versa".into());
+        }
         if self.retry.attempts_max == 0 || self.contention.attempts_max == 0 {
             return invalid("attempt limits must be at least 1".into());
         }
@@ -263,5 +376,65 @@ impl RedisConfig {
             }
         }
         Ok(())
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("mode", &self.mode)
+            .field(
+                "urls",
+                &self.urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>(),
+            )
+            .field("tls", &self.tls)
+            .field("key_prefix", &self.key_prefix)
+            .field("layout", &self.layout)
+            .field("retry", &self.retry)
+            .field("contention", &self.contention)
+            .field("breaker", &self.breaker)
+            .field("durability", &self.durability)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_passwords() {
+        let config = RedisConfig::sentinel(["rediss://:s3cret@s1:26379", "rediss://s2:26379"], "m");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("rediss://:***@s1:26379"), "{shown}");
+    }
+
+    #[test]
+    fn tls_settings_never_downgrade() {
+        let ca = RedisTls::trusting("/ca.pem");
+        assert!(RedisConfig::standalone("rediss://h:1/").uses_tls());
+        assert!(RedisConfig::standalone("rediss://h:1/")
+            .with_tls(ca.clone())
+            .validate()
+            .is_ok());
+        assert!(RedisConfig::standalone("redis://h:1/")
+            .with_tls(ca.clone())
+            .validate()
+            .is_err());
+        assert!(RedisConfig::cluster(["rediss://a:1", "redis://b:1"])
+            .validate()
+            .is_err());
+        assert!(RedisConfig::standalone("rediss://h:1/#insecure")
+            .validate()
+            .is_err());
+        let mut half = ca;
+        half.client_cert_file = Some("/c.pem".into());
+        assert!(RedisConfig::standalone("rediss://h:1/")
+            .with_tls(half)
+            .validate()
+            .is_err());
     }
 }

@@ -12,11 +12,15 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelServerType};
-use redis::{Cmd, ErrorKind, Pipeline, RedisError, ServerErrorKind, Value};
+use redis::{
+    ClientTlsConfig, Cmd, ErrorKind, Pipeline, RedisError, ServerErrorKind, TlsCertificates,
+    TlsMode, Value,
+};
 
 use super::breaker::{Admission, Breaker};
 use super::config::{Durability, RedisConfig, RedisMode, RetryConfig};
 use super::stats::Counters;
+use crate::secure::{redact_url, tls_cause};
 use crate::BackendError;
 
 /// A Lua script: its body and SHA-1, so it can run by `EVALSHA` and be sent whole by `EVAL`
@@ -214,22 +218,78 @@ fn retryable_server_error(kind: Option<ServerErrorKind>) -> bool {
     )
 }
 
+/// A connection failure: [`BackendError::Tls`] when TLS refused it (an untrusted or
+/// misnamed certificate, a server that does not speak TLS), else `Unavailable`.
+fn connect_failure(e: RedisError) -> BackendError {
+    match tls_cause(&e) {
+        Some(cause) => BackendError::Tls(format!("redis: {cause}")),
+        None => BackendError::Unavailable(format!("cannot connect to redis: {e}")),
+    }
+}
+
+/// Reads a PEM file named in [`super::RedisTls`]; the error names the file, never its bytes.
+fn read_pem(path: &std::path::Path, what: &str) -> Result<Vec<u8>, BackendError> {
+    std::fs::read(path)
+        .map_err(|e| BackendError::Tls(format!("cannot read the {what} {}: {e}", path.display())))
+}
+
+/// The certificates to hand to redis-rs, or `None` to trust the system store without a
+/// client certificate (redis-rs' defaults for `rediss://`).
+fn certificates(config: &RedisConfig) -> Result<Option<TlsCertificates>, BackendError> {
+    if !config.uses_tls() {
+        return Ok(None);
+    }
+    // redis-rs builds its rustls configuration with the process-wide default crypto
+    // provider. Make it ring (what this crate compiles in) unless the application chose one.
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    let tls = &config.tls;
+    if !tls.is_set() {
+        return Ok(None);
+    }
+    let root_cert = match &tls.ca_cert_file {
+        Some(path) => Some(read_pem(path, "CA certificate file")?),
+        None => None,
+    };
+    let client_tls = match (&tls.client_cert_file, &tls.client_key_file) {
+        (Some(cert), Some(key)) => Some(ClientTlsConfig {
+            client_cert: read_pem(cert, "client certificate file")?,
+            client_key: read_pem(key, "client key file")?,
+        }),
+        _ => None,
+    };
+    Ok(Some(TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
+}
+
+/// A client for one server URL, with the configured certificates if any.
+fn client(url: &str, certs: &Option<TlsCertificates>) -> Result<redis::Client, BackendError> {
+    let built = match certs {
+        Some(certs) => redis::Client::build_with_tls(url, certs.clone()),
+        None => redis::Client::open(url),
+    };
+    built.map_err(|e| BackendError::InvalidArgument(format!("redis URL {}: {e}", redact_url(url))))
+}
+
 impl Conn {
     /// Connects according to `config` (already validated).
     pub(crate) async fn connect(config: &RedisConfig) -> Result<Self, BackendError> {
-        let unavailable =
-            |e: RedisError| BackendError::Unavailable(format!("cannot connect to redis: {e}"));
+        let unavailable = connect_failure;
         let invalid = |e: RedisError| BackendError::InvalidArgument(format!("redis config: {e}"));
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.response_timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
+        let certs = certificates(config)?;
         let connect = async {
             match &config.mode {
                 RedisMode::Standalone => {
                     let url = config.urls.first().map(String::as_str).unwrap_or_default();
-                    let client = redis::Client::open(url).map_err(invalid)?;
+                    let client = client(url, &certs)?;
                     let manager =
                         ConnectionManager::new_with_config(client, manager_config.clone())
                             .await
@@ -237,7 +297,16 @@ impl Conn {
                     Ok::<Link, BackendError>(Link::Standalone(manager))
                 }
                 RedisMode::Cluster => {
-                    let client = redis::cluster::ClusterClientBuilder::new(config.urls.clone())
+                    let mut builder =
+                        redis::cluster::ClusterClientBuilder::new(config.urls.clone());
+                    if config.uses_tls() {
+                        // Every node the cluster reports is reached with TLS too.
+                        builder = builder.tls(TlsMode::Secure);
+                    }
+                    if let Some(certs) = &certs {
+                        builder = builder.certs(certs.clone());
+                    }
+                    let client = builder
                         .connection_timeout(config.connect_timeout)
                         .response_timeout(config.response_timeout)
                         .retries(config.retry.attempts_max.max(1))
@@ -253,13 +322,7 @@ impl Conn {
                     Ok(Link::Cluster(conn))
                 }
                 RedisMode::Sentinel { service_name } => {
-                    let mut client = SentinelClient::build(
-                        config.urls.clone(),
-                        service_name.clone(),
-                        None,
-                        SentinelServerType::Master,
-                    )
-                    .map_err(invalid)?;
+                    let mut client = sentinel_client(config, service_name, &certs)?;
                     let master = client.async_get_client().await.map_err(unavailable)?;
                     let manager =
                         ConnectionManager::new_with_config(master, manager_config.clone())
@@ -278,7 +341,11 @@ impl Conn {
             Err(_) => {
                 return Err(BackendError::Unavailable(format!(
                     "cannot connect to redis at {:?} within {:?}",
-                    config.urls,
+                    config
+                        .urls
+                        .iter()
+                        .map(|u| redact_url(u))
+                        .collect::<Vec<_>>(),
                     config.connect_timeout * 4
                 )))
             }
@@ -560,6 +627,58 @@ impl Conn {
             ))),
         }
     }
+}
+
+/// The Sentinel client. With `rediss://` sentinel URLs both the sentinels and the master
+/// they name are reached with TLS (redis-rs would otherwise connect to the master in
+/// plaintext), with the configured certificates.
+fn sentinel_client(
+    config: &RedisConfig,
+    service_name: &str,
+    certs: &Option<TlsCertificates>,
+) -> Result<SentinelClient, BackendError> {
+    let invalid = |e: RedisError| BackendError::InvalidArgument(format!("redis config: {e}"));
+    if !config.uses_tls() {
+        return SentinelClient::build(
+            config.urls.clone(),
+            service_name,
+            None,
+            SentinelServerType::Master,
+        )
+        .map_err(invalid);
+    }
+    let mut sentinels = Vec::with_capacity(config.urls.len());
+    let mut auth = None;
+    for url in &config.urls {
+        let info = client(url, certs)?.get_connection_info().clone();
+        let settings = info.redis_settings();
+        if auth.is_none() {
+            auth = Some((
+                settings.username().map(str::to_string),
+                settings.password().map(str::to_string),
+            ));
+        }
+        sentinels.push(info.addr().clone());
+    }
+    let mut builder = redis::sentinel::SentinelClientBuilder::new(
+        sentinels,
+        service_name,
+        SentinelServerType::Master,
+    )
+    .map_err(invalid)?
+    .set_client_to_redis_tls_mode(TlsMode::Secure);
+    if let Some(certs) = certs {
+        builder = builder.set_client_to_redis_certificates(certs.clone());
+    }
+    if let Some((username, password)) = auth {
+        if let Some(username) = username {
+            builder = builder.set_client_to_sentinel_username(username);
+        }
+        if let Some(password) = password {
+            builder = builder.set_client_to_sentinel_password(password);
+        }
+    }
+    builder.build().map_err(invalid)
 }
 
 /// Polls every future to completion and returns their outputs in order (no task is spawned,

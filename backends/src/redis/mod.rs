@@ -166,7 +166,7 @@ use redis::Value;
 
 pub use breaker::BreakerState;
 pub use config::{
-    BreakerConfig, ContentionConfig, Durability, RedisConfig, RedisMode, RetryConfig,
+    BreakerConfig, ContentionConfig, Durability, RedisConfig, RedisMode, RedisTls, RetryConfig,
     KEY_PREFIX_BYTES_MAX,
 };
 pub use stats::{RedisStats, StatsHandle};
