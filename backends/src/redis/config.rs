@@ -85,6 +85,40 @@ impl Default for ContentionConfig {
     }
 }
 
+/// The write cache: what this process last committed to each recently written key (its
+/// decoded value, meta and envelope checksum), so that the next local write or merge to that
+/// key commits in one round trip without reading it first. The commit still checks that the
+/// key holds exactly what the cache says: an entry made stale by another process costs one
+/// lost race and a read, never a wrong result. Reads never use it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WriteCacheConfig {
+    /// Most keys cached (0 disables the cache: every write reads first).
+    pub entries_max: usize,
+    /// Most bytes of cached values (counted as their envelopes' length); a value larger than
+    /// this is never cached.
+    pub bytes_max: usize,
+}
+
+impl Default for WriteCacheConfig {
+    fn default() -> Self {
+        Self {
+            entries_max: 16_384,
+            bytes_max: 64 << 20,
+        }
+    }
+}
+
+impl WriteCacheConfig {
+    /// No cache: every write reads its key first.
+    pub fn disabled() -> Self {
+        Self {
+            entries_max: 0,
+            bytes_max: 0,
+        }
+    }
+}
+
 /// The circuit breaker: after `failures_to_open` consecutive transport failures it opens and
 /// every operation fails at once with [`BackendError::Unavailable`] for `open_for`; then one
 /// probe operation is let through (half-open): its success closes the breaker, its failure
@@ -237,6 +271,8 @@ pub struct RedisConfig {
     pub retry: RetryConfig,
     /// Retries after lost optimistic-concurrency races.
     pub contention: ContentionConfig,
+    /// The write cache (what this process last committed per key; see [`WriteCacheConfig`]).
+    pub write_cache: WriteCacheConfig,
     /// The circuit breaker.
     pub breaker: BreakerConfig,
     /// What an acknowledged write has reached.
@@ -257,6 +293,7 @@ impl RedisConfig {
             layout: Layout::default(),
             retry: RetryConfig::default(),
             contention: ContentionConfig::default(),
+            write_cache: WriteCacheConfig::default(),
             breaker: BreakerConfig::default(),
             durability: Durability::default(),
             connect_timeout: Duration::from_secs(2),

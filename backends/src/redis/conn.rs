@@ -363,6 +363,12 @@ impl Conn {
         })
     }
 
+    /// Whether requests of different hash slots must travel in different pipelines (Redis
+    /// Cluster). Standalone and Sentinel deployments have one server to send everything to.
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self.link, Link::Cluster(_))
+    }
+
     /// The current connection's generation (Sentinel mode changes it on every rediscovery).
     fn generation(&self) -> u64 {
         match &self.link {

@@ -30,26 +30,37 @@
 //!
 //! Redis cannot run the CRDT code, so [`apply`](StateBackend::apply) is optimistic:
 //!
-//! 1. one read-only script returns the value's bytes and meta (version, hashes) atomically,
-//!    and the writer's entry of the partition's dot floor (`{..}:fl`);
+//! 1. the client takes a snapshot of the key: from the **write cache** when this process
+//!    committed the key recently (its decoded value, meta and envelope checksum, exactly as
+//!    the commit left them; see [`WriteCacheConfig`]), otherwise from one read-only script that
+//!    returns the value's bytes and meta (version, hashes) atomically, and the writer's entry
+//!    of the partition's dot floor (`{..}:fl`);
 //! 2. the client decodes them (undecodable bytes: [`BackendError::Corrupt`], nothing written),
 //!    checks the [`Expect`](crate::Expect) condition, computes the operation's delta from that
 //!    state with [`local_delta`] and the floor read, the new value, its size (limit:
 //!    [`Layout::value_bytes_max`]) and its hashes;
-//! 3. one write script checks that the key still holds exactly what was read (the same meta,
-//!    hence version, and the same envelope length and checksum; for an absent key, also the
-//!    same floor entry of the writer), then bumps the partition's version clock, writes the
-//!    envelope and meta, moves the key's entry in the digest bucket, indexes the key (and adds
+//! 3. one write script checks that the key still holds exactly what the snapshot says (the
+//!    same meta, hence version, and the same envelope checksum, the last four bytes of the
+//!    value; for an absent key, no value and the same floor entry of the writer), then bumps
+//!    the partition's version clock, writes the envelope and meta, moves the key's entry in
+//!    the digest bucket (the client passes old XOR new entry hash), indexes a new key (and adds
 //!    it to or drops it from the tombstone index, as the client says), appends the feed entry
 //!    with the partition's next sequence number, trims the feed to
 //!    [`Layout::feed_entries_max`] and returns version and seq;
 //!    The commit carries a random token that the meta records, so a commit that a driver
 //!    resends after losing its reply (the cluster client does) is recognised and answered
 //!    with its first outcome instead of being taken for a lost race and computed again;
-//! 4. if the key changed in between (another writer won the race), nothing was written: the
-//!    client waits a jittered, exponentially growing delay and starts again from 1, at most
-//!    [`ContentionConfig::attempts_max`] times, then fails with [`BackendError::Unavailable`]
-//!    ("nothing was written").
+//! 4. if the key changed in between (another writer won the race), nothing was written and the
+//!    key's cache entry is dropped: after a stale cache entry the client reads at once; after
+//!    a race on a fresh read it waits a jittered, exponentially growing delay; either way it
+//!    starts again from 1, at most [`ContentionConfig::attempts_max`] times, then fails with
+//!    [`BackendError::Unavailable`] ("nothing was written").
+//!
+//! So a write to a key this process wrote before is one round trip; a first write is two. The
+//! cache never serves reads ([`get`](StateBackend::get) always asks Redis), and every removal
+//! by this process drops its keys' entries. The value check by checksum alone misses a value
+//! replaced behind our back by bytes that end in the same four bytes: one chance in 2^32 for
+//! an arbitrary change (the meta check catches every change made through geostate).
 //!
 //! Writes to one key from tasks of one process are also serialised by a striped local lock
 //! ([`ContentionConfig::local_key_locks`]) so that they do not race each other; writers in
@@ -151,6 +162,7 @@
 //! ```
 
 mod breaker;
+mod cache;
 mod config;
 mod conn;
 mod names;
@@ -167,10 +179,11 @@ use redis::Value;
 pub use breaker::BreakerState;
 pub use config::{
     BreakerConfig, ContentionConfig, Durability, RedisConfig, RedisMode, RedisTls, RetryConfig,
-    KEY_PREFIX_BYTES_MAX,
+    WriteCacheConfig, KEY_PREFIX_BYTES_MAX,
 };
 pub use stats::{RedisStats, StatsHandle};
 
+use cache::WriteCache;
 use conn::{Conn, Failure, Group, Lua, Req, Safety};
 use names::Names;
 
@@ -255,6 +268,7 @@ pub struct RedisBackend {
     scripts: Scripts,
     contention: ContentionConfig,
     locks: Option<Box<[tokio::sync::Mutex<()>]>>,
+    cache: WriteCache<CachedKey>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -271,6 +285,8 @@ impl std::fmt::Debug for RedisBackend {
 struct Meta {
     version: u64,
     value_hash: u64,
+    /// The key's contribution to its bucket's fingerprint.
+    entry_hash: u64,
 }
 
 /// A key as read in one atomic step.
@@ -300,6 +316,49 @@ enum Content {
     Bytes(Vec<u8>),
     /// A Redis value of another type than string: not ours, treated as corrupt.
     Foreign,
+    /// What this process committed last, from the write cache: the value decoded, and its
+    /// envelope's length and last four bytes.
+    Cached(Arc<CachedKey>),
+}
+
+/// A write cache entry: a key as this process's last commit to it left it.
+#[derive(Debug)]
+struct CachedKey {
+    value: Crdt,
+    /// The envelope's length and last four bytes (its checksum).
+    len: usize,
+    tail: Vec<u8>,
+    /// The meta string exactly as the commit recorded it.
+    meta_raw: Vec<u8>,
+    meta: Meta,
+    /// The writer and its dot floor entry that the committed write was computed with (`None`
+    /// after a merge, which reads no floor).
+    floor: Option<(ActorId, FloorSeen)>,
+}
+
+impl Snapshot {
+    /// A snapshot from a write cache entry, usable for `item` only if the entry has what the
+    /// item needs: a local write needs its writer's floor entry.
+    fn cached(entry: Arc<CachedKey>, item: &Item) -> Option<Snapshot> {
+        let floor = match item {
+            Item::Apply(w) => match &entry.floor {
+                Some((actor, seen)) if *actor == w.actor => Some(seen.clone()),
+                _ => return None,
+            },
+            Item::Merge(..) => None,
+        };
+        Some(Snapshot {
+            meta_raw: Some(entry.meta_raw.clone()),
+            meta: Some(entry.meta),
+            floor,
+            content: Content::Cached(entry),
+        })
+    }
+
+    /// Whether this snapshot came from the write cache.
+    fn is_cached(&self) -> bool {
+        matches!(self.content, Content::Cached(_))
+    }
 }
 
 impl Snapshot {
@@ -321,6 +380,7 @@ impl Snapshot {
                     source,
                 }),
             },
+            Content::Cached(entry) => Ok(Some((entry.value.clone(), version))),
         }
     }
 
@@ -337,6 +397,9 @@ impl Snapshot {
             }
             Content::Absent => [meta, b"-1".to_vec(), Vec::new()],
             Content::Foreign => [meta, b"-2".to_vec(), Vec::new()],
+            Content::Cached(entry) => {
+                [meta, entry.len.to_string().into_bytes(), entry.tail.clone()]
+            }
         }
     }
 }
@@ -360,6 +423,8 @@ impl Item {
 struct Commit {
     value: Vec<u8>,
     hashes: String,
+    /// The new value's entry hash (the last 16 hex digits of `hashes`).
+    entry_hash: u64,
     delta: Crdt,
     feed: Option<Vec<u8>>,
     actor: ActorId,
@@ -369,12 +434,18 @@ struct Commit {
     /// For a local write to an absent key: the writer and its dot floor entry as read (the
     /// commit checks it is unchanged, so no purge raised it in between).
     floor: Option<(ActorId, Vec<u8>)>,
+    /// The new value, decoded (for the write cache).
+    state: Crdt,
+    /// For a local write: the writer and the floor entry its delta was computed with.
+    computed_with: Option<(ActorId, FloorSeen)>,
+    /// The commit's token (random per attempt; the meta records it).
+    token: u64,
 }
 
 enum Plan {
     /// Nothing to write (a no-op): the receipt is final.
     Done(Receipt),
-    Commit(Commit),
+    Commit(Box<Commit>),
 }
 
 fn unexpected(what: &str, value: &Value) -> BackendError {
@@ -453,12 +524,13 @@ fn parse_meta(raw: &[u8]) -> Option<Meta> {
         fields.next()?,
         fields.next()?,
     );
-    if hashes.len() != 32 || fields.next().is_some() {
+    if hashes.len() != 32 || !hashes.is_ascii() || fields.next().is_some() {
         return None;
     }
     Some(Meta {
         version: version.parse().ok()?,
         value_hash: u64::from_str_radix(&hashes[..16], 16).ok()?,
+        entry_hash: u64::from_str_radix(&hashes[16..], 16).ok()?,
     })
 }
 
@@ -506,9 +578,21 @@ fn encode_value(key: &Key, value: &Crdt, limit: usize) -> Result<(Vec<u8>, u64),
     Ok((bytes, hash))
 }
 
-/// Computes what an item writes, from a snapshot of its key.
-fn plan(layout: &Layout, item: &Item, snapshot: &Snapshot) -> Result<Plan, BackendError> {
+/// Computes what an item writes, from a snapshot of its key; the commit will carry `token`.
+fn plan(
+    layout: &Layout,
+    item: &Item,
+    snapshot: &Snapshot,
+    token: u64,
+) -> Result<Plan, BackendError> {
     let limit = layout.value_bytes_max();
+    if snapshot.meta_raw.is_some() && snapshot.meta.is_none() {
+        // The commit moves the key's entry in its digest bucket, which the meta records.
+        return Err(BackendError::Corrupt {
+            key: item.key().to_string(),
+            source: geostate_crdt::Error::Payload("the key's meta cannot be read".into()),
+        });
+    }
     match item {
         Item::Apply(write) => {
             let key = &write.key;
@@ -556,16 +640,20 @@ fn plan(layout: &Layout, item: &Item, snapshot: &Snapshot) -> Result<Plan, Backe
             value.merge(&delta)?;
             let (bytes, hash) = encode_value(key, &value, limit)?;
             let fed = envelope::encode(&delta, &envelope::Options::default())?;
-            Ok(Plan::Commit(Commit {
+            Ok(Plan::Commit(Box::new(Commit {
                 value: bytes,
                 hashes: hashes_hex(key, hash),
+                entry_hash: entry_hash(key, hash),
                 delta,
                 feed: Some(fed),
                 actor: write.actor,
                 hlc: write.hlc,
                 tombstone: (was_tombstone, value.is_bottom()),
-                floor: absent.then_some((write.actor, seen.raw)),
-            }))
+                floor: absent.then(|| (write.actor, seen.raw.clone())),
+                state: value,
+                computed_with: Some((write.actor, seen)),
+                token,
+            })))
         }
         Item::Merge(key, delta) => {
             let current = snapshot.value(key)?;
@@ -588,9 +676,10 @@ fn plan(layout: &Layout, item: &Item, snapshot: &Snapshot) -> Result<Plan, Backe
             };
             value.merge(delta)?;
             let (bytes, hash) = encode_value(key, &value, limit)?;
-            Ok(Plan::Commit(Commit {
+            Ok(Plan::Commit(Box::new(Commit {
                 value: bytes,
                 hashes: hashes_hex(key, hash),
+                entry_hash: entry_hash(key, hash),
                 delta: delta.clone(),
                 feed: None,
                 actor: ActorId::new(0),
@@ -598,7 +687,10 @@ fn plan(layout: &Layout, item: &Item, snapshot: &Snapshot) -> Result<Plan, Backe
                 tombstone: (was_tombstone, value.is_bottom()),
                 // A merge mints no dot: the floor does not matter to it.
                 floor: None,
-            }))
+                state: value,
+                computed_with: None,
+                token,
+            })))
         }
     }
 }
@@ -666,6 +758,7 @@ impl RedisBackend {
             scripts: Scripts::new(),
             contention: config.contention.clone(),
             locks,
+            cache: WriteCache::new(config.write_cache.entries_max, config.write_cache.bytes_max),
         };
         backend.check_server().await?;
         Ok(backend)
@@ -749,6 +842,7 @@ impl RedisBackend {
     /// writers may leave keys behind.
     /// (Not [`StateBackend::purge`], the garbage collection of one tombstone.)
     pub async fn purge_namespace(&self) -> Result<u64, BackendError> {
+        self.cache.clear();
         let mut deleted = 0u64;
         let mut dirty: Vec<u16> = (0..self.layout.partitions()).collect();
         while !dirty.is_empty() {
@@ -794,8 +888,10 @@ impl RedisBackend {
         Ok(deleted + int_of(&reply).unwrap_or(0))
     }
 
-    /// Runs requests (each tagged with its slot group), pipelined per group, and returns each
-    /// request's reply in order.
+    /// Runs requests (each tagged with its slot group), pipelined per group on Redis Cluster
+    /// and all in one pipeline elsewhere (one server: a pipeline per partition would only
+    /// cost more system calls and replies to wait for), and returns each request's reply in
+    /// order.
     async fn run_each(
         &self,
         reqs: Vec<(u32, Req)>,
@@ -803,8 +899,10 @@ impl RedisBackend {
         safety: Safety,
     ) -> Vec<Result<Value, BackendError>> {
         let n = reqs.len();
+        let cluster = self.conn.is_cluster();
         let mut groups: BTreeMap<u32, (Group, Vec<usize>)> = BTreeMap::new();
         for (i, (id, req)) in reqs.into_iter().enumerate() {
+            let id = if cluster { id } else { 0 };
             let (group, members) = groups.entry(id).or_insert_with(|| {
                 (
                     Group {
@@ -1025,30 +1123,60 @@ impl RedisBackend {
         let mut attempt: u32 = 0;
         while !pending.is_empty() {
             attempt += 1;
+            // Items whose key is in the write cache commit without a read on their first
+            // attempt; a lost race drops the entry, so a retry reads.
+            let mut snapshots: Vec<Option<Result<Snapshot, BackendError>>> = pending
+                .iter()
+                .map(|&i| {
+                    let item = &items[i];
+                    self.cache
+                        .get(item.key())
+                        .and_then(|entry| Snapshot::cached(entry, item))
+                        .map(Ok)
+                })
+                .collect();
             let reads: Vec<(&Key, Option<ActorId>)> = pending
                 .iter()
-                .map(|&i| match &items[i] {
+                .zip(&snapshots)
+                .filter(|(_, s)| s.is_none())
+                .map(|(&i, _)| match &items[i] {
                     Item::Apply(w) => (&w.key, Some(w.actor)),
                     Item::Merge(k, _) => (k, None),
                 })
                 .collect();
-            let snapshots = self.snapshots_for(&reads).await;
-            let mut commits: Vec<(usize, Commit, Snapshot)> = Vec::new();
+            if !reads.is_empty() {
+                let mut read = self.snapshots_for(&reads).await.into_iter();
+                for slot in snapshots.iter_mut().filter(|s| s.is_none()) {
+                    *slot = read.next();
+                }
+            }
+            let mut commits: Vec<(usize, Commit, bool)> = Vec::new();
+            let mut reqs = Vec::new();
             for (&i, snapshot) in pending.iter().zip(snapshots) {
-                let planned = snapshot.and_then(|s| Ok((plan(&self.layout, &items[i], &s)?, s)));
+                let snapshot = snapshot.unwrap_or_else(|| {
+                    Err(BackendError::Unavailable(
+                        "redis returned too few replies".into(),
+                    ))
+                });
+                let token = self.conn.token();
+                let planned =
+                    snapshot.and_then(|s| Ok((plan(&self.layout, &items[i], &s, token)?, s)));
                 match planned {
-                    Err(e) => out[i] = Some(Err(e)),
+                    Err(e) => {
+                        self.cache.remove(items[i].key());
+                        out[i] = Some(Err(e));
+                    }
                     Ok((Plan::Done(receipt), _)) => out[i] = Some(Ok(receipt)),
-                    Ok((Plan::Commit(commit), s)) => commits.push((i, commit, s)),
+                    Ok((Plan::Commit(commit), s)) => {
+                        let commit = *commit;
+                        reqs.push(self.commit_req(items[i].key(), &commit, &s));
+                        commits.push((i, commit, s.is_cached()));
+                    }
                 }
             }
             let once = commits
                 .iter()
                 .any(|(i, _, _)| matches!(items[*i], Item::Apply(_)));
-            let reqs = commits
-                .iter()
-                .map(|(i, commit, snapshot)| self.commit_req(items[*i].key(), commit, snapshot))
-                .collect();
             let safety = if once {
                 Safety::Once
             } else {
@@ -1056,20 +1184,34 @@ impl RedisBackend {
             };
             let replies = self.run_each(reqs, true, safety).await;
             let mut raced = Vec::new();
-            for ((i, commit, _), reply) in commits.into_iter().zip(replies) {
+            let mut contended = false;
+            for ((i, commit, cached), reply) in commits.into_iter().zip(replies) {
                 let key = items[i].key();
                 match reply.and_then(|v| parse_commit(&v)) {
                     Ok(Committed::Written { version, seq }) => {
-                        self.conn.counters.commits.fetch_add(1, Ordering::Relaxed);
+                        let counters = &self.conn.counters;
+                        counters.commits.fetch_add(1, Ordering::Relaxed);
+                        if cached {
+                            counters.cached_commits.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let fed = commit.feed.is_some();
+                        let delta = self.remember(key, commit, version, seq);
                         out[i] = Some(Ok(Receipt {
                             partition: self.layout.partition_of(key),
                             version,
-                            seq: commit.feed.is_some().then_some(seq),
-                            delta: commit.delta,
+                            seq: fed.then_some(seq),
+                            delta,
                         }));
                     }
-                    Ok(Committed::Race) => raced.push(i),
-                    Err(e) => out[i] = Some(Err(e)),
+                    Ok(Committed::Race) => {
+                        self.cache.remove(key);
+                        contended |= !cached;
+                        raced.push(i);
+                    }
+                    Err(e) => {
+                        self.cache.remove(key);
+                        out[i] = Some(Err(e));
+                    }
                 }
             }
             if raced.is_empty() {
@@ -1090,14 +1232,54 @@ impl RedisBackend {
                 }
                 break;
             }
-            tokio::time::sleep(self.conn.backoff(
-                attempt,
-                self.contention.backoff_min,
-                self.contention.backoff_max,
-            ))
-            .await;
+            // A race lost on a stale cache entry only says another process wrote the key
+            // since this one did: read it at once. A race on a fresh read is contention.
+            if contended {
+                tokio::time::sleep(self.conn.backoff(
+                    attempt,
+                    self.contention.backoff_min,
+                    self.contention.backoff_max,
+                ))
+                .await;
+            }
             pending = raced;
         }
+    }
+
+    /// Records a written commit in the write cache (the meta exactly as the write script
+    /// formats it) and returns its delta.
+    fn remember(&self, key: &Key, commit: Commit, version: u64, seq: u64) -> Crdt {
+        let Commit {
+            value,
+            hashes,
+            entry_hash: commit_entry,
+            delta,
+            state,
+            computed_with,
+            token,
+            ..
+        } = commit;
+        let Some(value_hash) = hashes
+            .get(..16)
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+        else {
+            self.cache.remove(key);
+            return delta;
+        };
+        let entry = CachedKey {
+            len: value.len(),
+            tail: value[value.len().saturating_sub(4)..].to_vec(),
+            meta_raw: format!("{version} {token:016x} {seq} {hashes}").into_bytes(),
+            meta: Meta {
+                version,
+                value_hash,
+                entry_hash: commit_entry,
+            },
+            floor: computed_with,
+            value: state,
+        };
+        self.cache.insert(key.clone(), entry, value.len());
+        delta
     }
 
     /// Physically removes `keys` as `how` says, each atomically with its dot floor raise; in
@@ -1130,6 +1312,9 @@ impl RedisBackend {
     ) -> Result<(), BackendError> {
         let refs: Vec<&Key> = keys.iter().collect();
         let _guards = self.lock_keys(&refs).await;
+        for key in keys {
+            self.cache.remove(key);
+        }
         let mut pending: Vec<usize> = (0..keys.len()).collect();
         let mut attempt: u32 = 0;
         while !pending.is_empty() {
@@ -1217,6 +1402,14 @@ impl RedisBackend {
         let p = self.layout.partition_of(key);
         let b = self.layout.bucket_of(key);
         let [meta, len, tail] = snapshot.guard();
+        let absent = if len == b"-1" {
+            b"-1".to_vec()
+        } else {
+            Vec::new()
+        };
+        // The bucket fingerprint moves by the old entry (the meta seen, which the script
+        // checks is still there; `plan` refused a meta it cannot read) XOR the new one.
+        let toggle = snapshot.meta.map_or(0, |m| m.entry_hash) ^ commit.entry_hash;
         let keys = vec![
             self.names.value(p, key),
             self.names.meta(p, b),
@@ -1235,7 +1428,7 @@ impl RedisBackend {
         let args = vec![
             key.as_str().as_bytes().to_vec(),
             meta,
-            len,
+            absent,
             tail,
             commit.value.clone(),
             commit.hashes.clone().into_bytes(),
@@ -1246,10 +1439,11 @@ impl RedisBackend {
             commit.actor.get().to_string().into_bytes(),
             commit.hlc.physical_ms().to_string().into_bytes(),
             commit.hlc.logical().to_string().into_bytes(),
-            format!("{:016x}", self.conn.token()).into_bytes(),
+            format!("{:016x}", commit.token).into_bytes(),
             vec![flag(commit.tombstone.0), flag(commit.tombstone.1)],
             floor_actor,
             floor_seen,
+            format!("{toggle:016x}").into_bytes(),
         ];
         (u32::from(p), Req::script(&self.scripts.write, keys, args))
     }
@@ -1863,6 +2057,7 @@ impl StateBackend for RedisBackend {
 #[cfg(feature = "testing")]
 impl crate::RawAccess for RedisBackend {
     async fn raw_put(&self, key: &Key, bytes: Vec<u8>) -> Result<(), BackendError> {
+        self.cache.remove(key);
         let p = self.layout.partition_of(key);
         let b = self.layout.bucket_of(key);
         let (hash, tombstone) = match envelope::decode(&bytes, &envelope::Limits::default()) {
@@ -1901,7 +2096,8 @@ impl crate::RawAccess for RedisBackend {
         }))?;
         Ok(match snapshot.content {
             Content::Bytes(bytes) => Some(bytes),
-            Content::Absent | Content::Foreign => None,
+            // A read never comes from the write cache.
+            Content::Absent | Content::Foreign | Content::Cached(_) => None,
         })
     }
 }

@@ -8,6 +8,7 @@ use super::breaker::{Breaker, BreakerState};
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) commits: AtomicU64,
+    pub(crate) cached_commits: AtomicU64,
     pub(crate) races: AtomicU64,
     pub(crate) gave_up: AtomicU64,
     pub(crate) transport_retries: AtomicU64,
@@ -23,6 +24,8 @@ pub(crate) struct Counters {
 pub struct RedisStats {
     /// Writes and merges committed.
     pub commits: u64,
+    /// Of those, commits computed from the write cache, without reading the key first.
+    pub cached_commits: u64,
     /// Commits refused because the key changed after it was read (each was computed again).
     pub races: u64,
     /// Writes that lost `ContentionConfig::attempts_max` races and failed.
@@ -46,6 +49,7 @@ impl Counters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         RedisStats {
             commits: get(&self.commits),
+            cached_commits: get(&self.cached_commits),
             races: get(&self.races),
             gave_up: get(&self.gave_up),
             transport_retries: get(&self.transport_retries),

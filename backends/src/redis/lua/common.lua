@@ -12,6 +12,9 @@ end
 
 -- XORs `entry` (16 hex digits) into the fingerprint of `bucket` in the digest hash `digest`.
 local function digest_toggle(digest, bucket, entry)
+  if entry == ZERO16 then
+    return
+  end
   local fp = redis.call('HGET', digest, bucket) or ZERO16
   fp = xor16(fp, entry)
   if fp == ZERO16 then
