@@ -279,4 +279,13 @@ pub trait RawAccess: StateBackend {
         &self,
         key: &Key,
     ) -> impl Future<Output = Result<Option<Vec<u8>>, BackendError>> + Send;
+
+    /// Appends a feed entry for `key` to its partition's feed with `delta` as its delta bytes,
+    /// exactly as given (the way a broken disk or a buggy writer would leave one), at the next
+    /// sequence number, which it returns. The value is not touched.
+    fn raw_append_feed(
+        &self,
+        key: &Key,
+        delta: Vec<u8>,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send;
 }

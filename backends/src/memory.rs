@@ -551,25 +551,25 @@ impl StateBackend for MemoryBackend {
         // Sequence numbers are contiguous in the deque, so the start is found by arithmetic.
         let skip = usize::try_from(after.saturating_add(1).saturating_sub(first_seq))
             .unwrap_or(usize::MAX);
-        let entries = part
-            .feed
-            .iter()
-            .skip(skip)
-            .take(limit)
-            .map(|e| {
-                Ok(FeedEntry {
+        let mut entries = Vec::new();
+        let mut damaged = Vec::new();
+        for e in part.feed.iter().skip(skip).take(limit) {
+            match envelope::decode(&e.delta, &envelope::Limits::default()) {
+                Ok(delta) => entries.push(FeedEntry {
                     seq: e.seq,
                     key: e.key.clone(),
-                    delta: envelope::decode(&e.delta, &envelope::Limits::default())?,
+                    delta,
                     origin: e.origin,
                     hlc: e.hlc,
-                })
-            })
-            .collect::<Result<Vec<_>, BackendError>>()?;
+                }),
+                Err(_) => damaged.push(e.seq),
+            }
+        }
         Ok(FeedPage {
             entries,
             first_seq,
             last_seq: part.last_seq,
+            damaged,
         })
     }
 
@@ -690,6 +690,20 @@ impl crate::RawAccess for MemoryBackend {
             }
         }
         Ok(())
+    }
+
+    async fn raw_append_feed(&self, key: &Key, delta: Vec<u8>) -> Result<u64, BackendError> {
+        let mut part = self.partition(self.layout.partition_of(key))?;
+        part.last_seq += 1;
+        let seq = part.last_seq;
+        part.feed.push_back(FedDelta {
+            seq,
+            key: key.clone(),
+            delta: delta.into_boxed_slice(),
+            origin: geostate_crdt::ActorId::new(0),
+            hlc: geostate_crdt::Hlc::ZERO,
+        });
+        Ok(seq)
     }
 
     async fn raw_get(&self, key: &Key) -> Result<Option<Vec<u8>>, BackendError> {

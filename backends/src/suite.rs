@@ -74,6 +74,7 @@ where
         concurrent_set_adds,
         concurrent_compare_and_set,
         feed_records_every_write,
+        damaged_feed_entries_are_reported,
         feed_trim,
         digests_order_independent,
         compare_and_set,
@@ -1175,6 +1176,50 @@ where
 // ---------------------------------------------------------------------------------------------
 // Change feed
 // ---------------------------------------------------------------------------------------------
+
+/// A feed entry whose bytes are damaged (written raw, as a broken disk or a buggy writer
+/// would) never fails a page: the page lists it under `damaged`, counts it toward the limit,
+/// and the entries around it read as usual, so a reader is never stuck behind it. The value
+/// of its key is not touched.
+pub async fn damaged_feed_entries_are_reported<B, F, Fut>(builder: &F)
+where
+    B: StateBackend + RawAccess,
+    F: Fn() -> Fut,
+    Fut: Future<Output = B>,
+{
+    let b = builder().await;
+    need_feed(b.layout(), 4, "damaged_feed_entries_are_reported");
+    let k = key("feed:damaged");
+    let p = b.layout().partition_of(&k);
+    let before = b.read_feed(p, u64::MAX, 1).await.unwrap().last_seq;
+    let first = b.apply(write(&k, CounterOp::inc(1), 1, 1)).await.unwrap();
+    let good = b.get(&k).await.unwrap();
+    let mut damaged = Vec::new();
+    for bytes in [b"garbage".to_vec(), Vec::new()] {
+        damaged.push(b.raw_append_feed(&k, bytes).await.unwrap());
+    }
+    let last = b.apply(write(&k, CounterOp::inc(2), 1, 2)).await.unwrap();
+    // The value is untouched by the damaged entries and takes later writes as usual.
+    assert!(good.is_some());
+    match b.get(&k).await.unwrap().map(|s| s.value) {
+        Some(Crdt::PnCounter(c)) => assert_eq!(c.value(), 3),
+        other => panic!("expected the counter, got {other:?}"),
+    }
+
+    let page = b.read_feed(p, before, 100).await.unwrap();
+    let seqs: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![first.seq.unwrap(), last.seq.unwrap()]);
+    assert_eq!(page.damaged, damaged);
+    assert_eq!(page.last_seq, last.seq.unwrap());
+    // Damaged entries count toward the limit: a page of 2 ends at the first damaged one.
+    let page = b.read_feed(p, before, 2).await.unwrap();
+    assert_eq!(page.entries.len(), 1);
+    assert_eq!(page.damaged, damaged[..1].to_vec());
+    // A page that starts past them holds none.
+    let page = b.read_feed(p, damaged[1], 100).await.unwrap();
+    assert!(page.damaged.is_empty());
+    assert_eq!(page.entries.len(), 1);
+}
 
 /// 8 tasks make 150 local writes each (counters, set adds and removes, register writes over 70
 /// keys) while a ninth merges remote deltas into the same keys. Then, reading every partition's

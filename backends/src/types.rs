@@ -110,6 +110,12 @@ pub struct FeedPage {
     pub first_seq: u64,
     /// The newest sequence number ever written (`0` when nothing was).
     pub last_seq: u64,
+    /// Sequence numbers, in order, of entries in this page's range that the store holds but
+    /// cannot read (corrupt bytes). They count toward the page's limit; `entries` skips them.
+    /// A damaged entry never fails the page, so a reader is never stuck behind it: it must
+    /// repair the keys it may have missed by anti-entropy (the value itself is stored apart
+    /// from its feed entry).
+    pub damaged: Vec<u64>,
 }
 
 impl FeedPage {

@@ -288,6 +288,9 @@ pub struct Stats {
     pub ae_keys: u64,
     /// Feed gaps found (a peer trimmed entries this region had not applied).
     pub gaps: u64,
+    /// Feed entries a peer holds but could not read (damaged bytes in its store): skipped,
+    /// and their partition repaired by anti-entropy at once, as after a gap.
+    pub damaged_entries: u64,
     /// Poll sessions opened (one per peer at start, and one after each loss or restart).
     pub sessions: u64,
     /// Tombstones waiting for causal stability, as last counted (a gauge).
@@ -975,6 +978,15 @@ impl ReplicatorCore {
             self.stats.gaps += 1;
             self.peers[peer].urgent.insert(page.partition);
         }
+        // A damaged entry's write may be missing here: skip it, repair by anti-entropy.
+        let damaged = entries.iter().filter(|e| e.is_damaged()).count();
+        let entries: Vec<WireEntry> = if damaged == 0 {
+            entries
+        } else {
+            self.stats.damaged_entries += damaged as u64;
+            self.peers[peer].urgent.insert(page.partition);
+            entries.into_iter().filter(|e| !e.is_damaged()).collect()
+        };
         let p = &mut self.peers[peer];
         p.unapplied += entries.len();
         let link = &mut p.links[index];

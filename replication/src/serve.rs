@@ -138,21 +138,25 @@ fn encode(value: &Crdt) -> Result<Vec<u8>, BackendError> {
     envelope::encode(value, &Options::default()).map_err(BackendError::Crdt)
 }
 
-fn wire_entries(
-    entries: Vec<geostate_backends::FeedEntry>,
-) -> Result<Vec<WireEntry>, BackendError> {
-    entries
-        .into_iter()
-        .map(|e| {
-            Ok(WireEntry {
-                seq: e.seq,
-                delta: encode(&e.delta)?,
-                key: e.key.as_str().to_string(),
-                origin: e.origin,
-                hlc: e.hlc,
-            })
-        })
-        .collect()
+/// A store's feed page as wire entries in sequence order, damaged entries as their markers
+/// ([`WireEntry::damaged`]), so the page stays contiguous and the puller is never stuck.
+fn wire_entries(page: geostate_backends::FeedPage) -> Result<Vec<WireEntry>, BackendError> {
+    let mut out = Vec::with_capacity(page.entries.len() + page.damaged.len());
+    let mut damaged = page.damaged.into_iter().peekable();
+    for e in page.entries {
+        while let Some(seq) = damaged.next_if(|&seq| seq < e.seq) {
+            out.push(WireEntry::damaged(seq));
+        }
+        out.push(WireEntry {
+            seq: e.seq,
+            delta: encode(&e.delta)?,
+            key: e.key.as_str().to_string(),
+            origin: e.origin,
+            hlc: e.hlc,
+        });
+    }
+    out.extend(damaged.map(WireEntry::damaged));
+    Ok(out)
 }
 
 impl<B: StateBackend> Server<B> {
@@ -230,11 +234,11 @@ impl<B: StateBackend> Server<B> {
                 let page = backend
                     .read_feed(*partition, *after, limit as usize)
                     .await?;
-                let entries = wire_entries(page.entries)?;
+                let (first_seq, last_seq) = (page.first_seq, page.last_seq);
                 Response::Feed {
-                    entries,
-                    first_seq: page.first_seq,
-                    last_seq: page.last_seq,
+                    entries: wire_entries(page)?,
+                    first_seq,
+                    last_seq,
                 }
             }
             Request::Digest { partition } => Response::Digest {
@@ -436,17 +440,18 @@ impl<B: StateBackend> Server<B> {
             }
             // Entries after the cursor, or none if the feed was trimmed past it (the page
             // then tells the puller where the feed resumes).
-            sent[index] = page
-                .entries
+            let (first_seq, last_seq) = (page.first_seq, page.last_seq);
+            let entries = wire_entries(page)?;
+            sent[index] = entries
                 .last()
-                .map_or(page.first_seq.saturating_sub(1), |e| e.seq)
+                .map_or(first_seq.saturating_sub(1), |e| e.seq)
                 .max(cursor);
-            budget = budget.saturating_sub(page.entries.len());
+            budget = budget.saturating_sub(entries.len());
             pages.push(Page {
                 partition,
-                entries: wire_entries(page.entries)?,
-                first_seq: page.first_seq,
-                last_seq: page.last_seq,
+                entries,
+                first_seq,
+                last_seq,
             });
         }
         Ok(pages)

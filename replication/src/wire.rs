@@ -94,6 +94,26 @@ pub struct WireEntry {
     pub hlc: Hlc,
 }
 
+impl WireEntry {
+    /// The entry at `seq` that the origin holds but cannot read (damaged bytes in its store):
+    /// it travels with an empty key and delta (no envelope is empty), so the page stays
+    /// contiguous; the puller skips it and repairs the partition by anti-entropy.
+    pub fn damaged(seq: u64) -> Self {
+        Self {
+            seq,
+            key: String::new(),
+            delta: Vec::new(),
+            origin: ActorId::new(0),
+            hlc: Hlc::ZERO,
+        }
+    }
+
+    /// Whether this is the marker of a damaged entry (see [`WireEntry::damaged`]).
+    pub fn is_damaged(&self) -> bool {
+        self.delta.is_empty()
+    }
+}
+
 /// Feed entries of one partition, as part of a [`Response::Heads`] or [`Response::Opened`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Page {

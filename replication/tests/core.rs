@@ -893,6 +893,51 @@ fn a_feed_gap_jumps_the_cursor_and_starts_anti_entropy_at_once() {
     assert!(!h.core.is_idle(), "the repair is still to do");
 }
 
+/// An entry the peer holds but cannot read arrives as a damaged marker: it is skipped (never
+/// merged), the rest of the page is applied, the cursor moves past it, and anti-entropy for the
+/// partition starts at once, since its write may be missing here.
+#[test]
+fn a_damaged_entry_is_skipped_and_its_partition_repaired_by_anti_entropy() {
+    let (mut h, out) = Harness::opened(config(), vec![vec![0, 2, 0, 0]]);
+    let p = only(polls(&out));
+    let mut page = poll_page(1, 3..=5, 1, 5);
+    page.entries[1] = WireEntry::damaged(4);
+    let out = h.answer(p.id, heads(vec![page]));
+    let next = only(polls(&out));
+    let a = only(applies(&out));
+    assert_eq!(
+        (a.partition, a.seqs.clone(), a.advance_to),
+        (1, vec![3, 5], 5)
+    );
+    assert_eq!(
+        (h.core.stats().damaged_entries, h.core.stats().gaps),
+        (1, 0)
+    );
+    let remote: Vec<u16> = sends(&out)
+        .iter()
+        .filter_map(|(_, _, r)| match r {
+            Request::Digest { partition } => Some(*partition),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(remote, vec![1]);
+    h.local(a.id, LocalResult::Applied);
+    assert_eq!(h.core.cursor(0, 1), Some(5));
+    // A page of damaged entries alone still moves the cursor (nothing to merge).
+    let out = h.answer(
+        next.id,
+        heads(vec![Page {
+            partition: 1,
+            entries: vec![WireEntry::damaged(6)],
+            first_seq: 1,
+            last_seq: 6,
+        }]),
+    );
+    let a = only(applies(&out));
+    assert_eq!((a.seqs.clone(), a.advance_to), (vec![], 6));
+    assert_eq!(h.core.stats().damaged_entries, 2);
+}
+
 /// The same in the answer to an opening poll.
 #[test]
 fn a_gap_in_an_opening_answer_jumps_the_cursor_too() {

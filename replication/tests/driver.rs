@@ -586,6 +586,48 @@ async fn a_feed_trimmed_before_the_peer_pulled_is_repaired_by_anti_entropy() {
     cluster.stop_all().await;
 }
 
+/// A's store holds a feed entry it cannot read, for a key whose value reached the store
+/// without a readable entry (a broken disk, a buggy writer). B is not stuck behind it: later
+/// writes still arrive by the feed, the skipped entry is counted, and anti-entropy (no
+/// periodic sweep here) copies the key's value, so the regions converge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_feed_entry_is_skipped_and_repaired_by_anti_entropy() {
+    use geostate_backends::{Key, RawAccess};
+    use geostate_crdt::{envelope, ActorId, Hlc};
+
+    let mut cluster = Cluster::new(2, 1_000, driver_config(NO_SWEEP_MS), Faults::default(), &[]);
+    let lost = Key::new("damaged:lost").unwrap();
+    let value = geostate_crdt::Crdt::empty(geostate_crdt::TypeTag::PnCounter)
+        .apply(ActorId::new(9), Hlc::new(1, 0), &CounterOp::inc(5).into())
+        .unwrap();
+    let a = &cluster.stores[0];
+    a.raw_put(
+        &lost,
+        envelope::encode(&value, &envelope::Options::default()).unwrap(),
+    )
+    .await
+    .unwrap();
+    a.raw_append_feed(&lost, b"not an envelope".to_vec())
+        .await
+        .unwrap();
+    // A later write to the same partition, behind the damaged entry in A's feed.
+    cluster.regions[0]
+        .merge_crdt("damaged:lost", CounterOp::inc(1))
+        .await
+        .unwrap();
+    cluster.start_all();
+    cluster.wait_converged(true).await;
+    let stats = cluster.status(1).stats;
+    assert_eq!(stats.damaged_entries, 1, "{stats:?}");
+    assert!(stats.ae_keys > 0, "{stats:?}");
+    let b = cluster.stores[1].get(&lost).await.unwrap().unwrap();
+    match b.value {
+        geostate_crdt::Crdt::PnCounter(c) => assert_eq!(c.value(), 6),
+        other => panic!("expected the counter, got {other:?}"),
+    }
+    cluster.stop_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_replicator_resumes_from_its_stored_cursors() {
     let mut cluster = Cluster::new(

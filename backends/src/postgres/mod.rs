@@ -1300,6 +1300,7 @@ impl Shared {
         let last_seq = unsigned(first.try_get(0).map_err(before_commit)?);
         let trimmed = unsigned(first.try_get(1).map_err(before_commit)?);
         let mut entries = Vec::with_capacity(rows.len());
+        let mut damaged = Vec::new();
         for row in &rows {
             let Some(seq) = row.try_get::<Option<i64>, _>(2).map_err(before_commit)? else {
                 continue;
@@ -1309,11 +1310,17 @@ impl Shared {
             let origin: i64 = row.try_get(5).map_err(before_commit)?;
             let hlc_ms: i64 = row.try_get(6).map_err(before_commit)?;
             let hlc_logical: i64 = row.try_get(7).map_err(before_commit)?;
+            let (Ok(key), Ok(delta)) = (
+                stored_key(key),
+                envelope::decode(&delta, &envelope::Limits::default()),
+            ) else {
+                damaged.push(unsigned(seq));
+                continue;
+            };
             entries.push(FeedEntry {
                 seq: unsigned(seq),
-                key: stored_key(key)?,
-                delta: envelope::decode(&delta, &envelope::Limits::default())
-                    .map_err(BackendError::from)?,
+                key,
+                delta,
                 origin: ActorId::new(origin as u64),
                 hlc: Hlc::new(
                     hlc_ms as u64,
@@ -1325,6 +1332,7 @@ impl Shared {
             entries,
             first_seq: trimmed + 1,
             last_seq,
+            damaged,
         })
     }
 
@@ -1870,6 +1878,23 @@ impl Shared {
         Ok(Step::Commit(()))
     }
 
+    async fn try_raw_append_feed(
+        &self,
+        slot: &mut Slot<'_>,
+        key: &Key,
+        delta: &[u8],
+    ) -> Result<u64, Attempt> {
+        let conn = slot.get().await?;
+        let row = query(&self.sql.raw_append_feed)
+            .bind(i32::from(self.layout.partition_of(key)))
+            .bind(key.as_str())
+            .bind(delta)
+            .fetch_one(conn)
+            .await
+            .map_err(before_commit)?;
+        Ok(unsigned(row.try_get(0).map_err(before_commit)?))
+    }
+
     async fn try_raw_get(
         &self,
         slot: &mut Slot<'_>,
@@ -1896,6 +1921,11 @@ impl crate::RawAccess for PostgresBackend {
     async fn raw_get(&self, key: &Key) -> Result<Option<Vec<u8>>, BackendError> {
         let sh = &*self.shared;
         on_primary!(sh, "raw_get", slot => sh.try_raw_get(&mut slot, key))
+    }
+
+    async fn raw_append_feed(&self, key: &Key, delta: Vec<u8>) -> Result<u64, BackendError> {
+        let sh = &*self.shared;
+        on_primary!(sh, "raw_append_feed", slot => sh.try_raw_append_feed(&mut slot, key, &delta))
     }
 }
 

@@ -98,6 +98,7 @@ pub(crate) struct Sql {
     pub recompute_digest: Arc<str>,
     #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub raw_get: Arc<str>,
+    pub raw_append_feed: Arc<str>,
 }
 
 impl Sql {
@@ -245,6 +246,14 @@ SELECT last_seq FROM c"#),
                  GROUP BY bucket",
             ),
             raw_get: s("SELECT envelope FROM {s}.gs_values WHERE key = $1"),
+            raw_append_feed: s(r#"
+WITH p AS (
+    UPDATE {s}.gs_partitions SET last_seq = last_seq + 1 WHERE partition = $1
+ RETURNING last_seq
+)
+INSERT INTO {s}.gs_feed (partition, seq, key, delta, origin, hlc_ms, hlc_logical)
+SELECT $1, p.last_seq, $2, $3, 0, 0, 0 FROM p
+RETURNING seq"#),
         }
     }
 }

@@ -214,6 +214,8 @@ struct Scripts {
     write: Arc<Lua>,
     #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     raw_put: Arc<Lua>,
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    raw_append_feed: Arc<Lua>,
     remove: Arc<Lua>,
     read_feed: Arc<Lua>,
     advance_cursor: Arc<Lua>,
@@ -245,6 +247,14 @@ impl Scripts {
             read: lua("read", read_script!("lua/read.lua")),
             write: lua("write", write_script!("lua/write.lua")),
             raw_put: lua("raw_put", write_script!("lua/raw_put.lua")),
+            raw_append_feed: lua(
+                "raw_append_feed",
+                "#!lua\n\
+                 local seq = redis.call('HINCRBY', KEYS[1], 's', 1)\n\
+                 redis.call('XADD', KEYS[2], string.format('%d-0', seq), 'k', ARGV[1], \
+                 'd', ARGV[2], 'a', '0', 'p', '0', 'l', '0')\n\
+                 return seq",
+            ),
             remove: lua("remove", write_script!("lua/remove.lua")),
             read_feed: lua("read_feed", read_script!("lua/read_feed.lua")),
             advance_cursor: lua("advance_cursor", write_script!("lua/advance_cursor.lua")),
@@ -1576,11 +1586,14 @@ fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// Parses one stream entry of a feed: the entry, or its sequence number when the entry is
+/// damaged (its fields do not make an entry of `partition`). An entry whose id cannot be read
+/// is an error: without its sequence number the page cannot say what was skipped.
 fn parse_feed_entry(
     layout: &Layout,
     partition: u16,
     entry: &Value,
-) -> Result<FeedEntry, BackendError> {
+) -> Result<Result<FeedEntry, u64>, BackendError> {
     let bad = || unexpected("read_feed", entry);
     let Value::Array(parts) = entry else {
         return Err(bad());
@@ -1589,6 +1602,17 @@ fn parse_feed_entry(
         return Err(bad());
     };
     let seq = bytes_of(id).and_then(stream_seq).ok_or_else(bad)?;
+    Ok(parse_feed_fields(layout, partition, seq, fields, entry).map_err(|_| seq))
+}
+
+fn parse_feed_fields(
+    layout: &Layout,
+    partition: u16,
+    seq: u64,
+    fields: &Value,
+    entry: &Value,
+) -> Result<FeedEntry, BackendError> {
+    let bad = || unexpected("read_feed", entry);
     let fields = pairs(fields).ok_or_else(bad)?;
     let field = |name: &[u8]| {
         fields
@@ -1605,7 +1629,9 @@ fn parse_feed_entry(
     };
     let key_text = std::str::from_utf8(field(b"k")?).map_err(|_| bad())?;
     let key = Key::new(key_text)?;
-    debug_assert_eq!(layout.partition_of(&key), partition);
+    if layout.partition_of(&key) != partition {
+        return Err(bad());
+    }
     let delta = envelope::decode(field(b"d")?, &envelope::Limits::default()).map_err(|source| {
         BackendError::Corrupt {
             key: key.to_string(),
@@ -1867,11 +1893,18 @@ impl StateBackend for RedisBackend {
                 .and_then(stream_seq)
                 .ok_or_else(|| unexpected("read_feed", &reply))?,
         };
+        let mut damaged = Vec::new();
         let entries = match entries {
-            Value::Array(items) => items
-                .iter()
-                .map(|e| parse_feed_entry(&self.layout, partition, e))
-                .collect::<Result<Vec<_>, _>>()?,
+            Value::Array(items) => {
+                let mut entries = Vec::with_capacity(items.len());
+                for item in items {
+                    match parse_feed_entry(&self.layout, partition, item)? {
+                        Ok(entry) => entries.push(entry),
+                        Err(seq) => damaged.push(seq),
+                    }
+                }
+                entries
+            }
             Value::Nil => Vec::new(),
             other => return Err(unexpected("read_feed", other)),
         };
@@ -1879,6 +1912,7 @@ impl StateBackend for RedisBackend {
             entries,
             first_seq,
             last_seq,
+            damaged,
         })
     }
 
@@ -2085,6 +2119,17 @@ impl crate::RawAccess for RedisBackend {
         self.run_one(u32::from(p), req, true, Safety::Idempotent)
             .await
             .map(|_| ())
+    }
+
+    async fn raw_append_feed(&self, key: &Key, delta: Vec<u8>) -> Result<u64, BackendError> {
+        let p = self.layout.partition_of(key);
+        let req = Req::script(
+            &self.scripts.raw_append_feed,
+            vec![self.names.counters(p), self.names.feed(p)],
+            vec![key.as_str().as_bytes().to_vec(), delta],
+        );
+        let reply = self.run_one(u32::from(p), req, true, Safety::Once).await?;
+        int_of(&reply).ok_or_else(|| unexpected("raw_append_feed", &reply))
     }
 
     async fn raw_get(&self, key: &Key) -> Result<Option<Vec<u8>>, BackendError> {
