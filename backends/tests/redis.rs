@@ -1140,10 +1140,18 @@ fn make_ca(dir: &Path, name: &str) -> PathBuf {
 /// A server certificate for 127.0.0.1 and localhost signed by the CA `ca` (made by
 /// [`make_ca`]): returns the certificate and key files.
 fn make_server_cert(dir: &Path, ca: &str) -> (PathBuf, PathBuf) {
+    make_cert(dir, ca, "server", "serverAuth")
+}
+
+/// A certificate `<name>.pem` (key `<name>.key`) for 127.0.0.1 and localhost signed by the CA
+/// `ca`, for the extended key usages `usages` (e.g. `serverAuth,clientAuth`).
+fn make_cert(dir: &Path, ca: &str, name: &str, usages: &str) -> (PathBuf, PathBuf) {
     std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-         keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+        dir.join(format!("{name}.ext")),
+        format!(
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             keyUsage=critical,digitalSignature\nextendedKeyUsage={usages}\n"
+        ),
     )
     .unwrap();
     openssl(
@@ -1158,9 +1166,9 @@ fn make_server_cert(dir: &Path, ca: &str) -> (PathBuf, PathBuf) {
             "-subj",
             "/CN=127.0.0.1",
             "-keyout",
-            "server.key",
+            &format!("{name}.key"),
             "-out",
-            "server.csr",
+            &format!("{name}.csr"),
         ],
     );
     openssl(
@@ -1169,7 +1177,7 @@ fn make_server_cert(dir: &Path, ca: &str) -> (PathBuf, PathBuf) {
             "x509",
             "-req",
             "-in",
-            "server.csr",
+            &format!("{name}.csr"),
             "-CA",
             &format!("{ca}.pem"),
             "-CAkey",
@@ -1178,18 +1186,36 @@ fn make_server_cert(dir: &Path, ca: &str) -> (PathBuf, PathBuf) {
             "-days",
             "2",
             "-extfile",
-            "server.ext",
+            &format!("{name}.ext"),
             "-out",
-            "server.pem",
+            &format!("{name}.pem"),
         ],
     );
-    (dir.join("server.pem"), dir.join("server.key"))
+    (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    )
 }
 
 impl Servers {
     /// Starts `redis-server` listening only with TLS (`--port 0`) on `tls_port`, presenting
     /// `cert`, not asking clients for certificates.
     fn start_tls(&mut self, tls_port: u16, ca: &Path, cert: &Path, key: &Path) {
+        let no_client_certs = ["--tls-auth-clients".to_string(), "no".to_string()];
+        self.start_tls_with(tls_port, ca, cert, key, &no_client_certs, None);
+    }
+
+    /// Starts `redis-server` listening only with TLS on `tls_port` with `extra` arguments;
+    /// `client` is the certificate and key that `redis-cli` presents to check it is up.
+    fn start_tls_with(
+        &mut self,
+        tls_port: u16,
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+        extra: &[String],
+        client: Option<(&Path, &Path)>,
+    ) {
         let log = std::fs::File::create(self.dir.join(format!("{tls_port}.log"))).unwrap();
         let child = Command::new("redis-server")
             .args(["--port", "0", "--tls-port", &tls_port.to_string()])
@@ -1200,7 +1226,7 @@ impl Servers {
             .arg(key)
             .arg("--tls-ca-cert-file")
             .arg(ca)
-            .args(["--tls-auth-clients", "no"])
+            .args(extra)
             .args(["--dir", self.dir.to_str().unwrap()])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .stdin(Stdio::null())
@@ -1211,10 +1237,8 @@ impl Servers {
         self.children.push((tls_port, child));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let pong = Command::new("redis-cli")
-                .args(["--tls", "--cacert"])
-                .arg(ca)
-                .args(["-h", "127.0.0.1", "-p", &tls_port.to_string(), "ping"])
+            let pong = tls_cli(ca, client, tls_port)
+                .arg("ping")
                 .stdin(Stdio::null())
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
@@ -1231,6 +1255,17 @@ impl Servers {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// `redis-cli` over TLS to `port`, trusting `ca`, presenting `client` if given.
+fn tls_cli(ca: &Path, client: Option<(&Path, &Path)>, port: u16) -> Command {
+    let mut cmd = Command::new("redis-cli");
+    cmd.args(["--tls", "--cacert"]).arg(ca);
+    if let Some((cert, key)) = client {
+        cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+    }
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+    cmd
 }
 
 fn assert_tls_refused(result: Result<RedisBackend, BackendError>, what: &str) {
@@ -1299,5 +1334,111 @@ async fn tls_server_passes_the_small_layout_cases_and_untrusted_ones_are_refused
         Ok(_) => panic!("connected with a missing CA file"),
     }
     drop(store);
+    drop(servers);
+}
+
+/// Redis Cluster over TLS with client certificates required (`tls-auth-clients yes`), nodes
+/// talking TLS to each other too: the small-layout cases pass through the cluster client's
+/// secure mode, and a client without a certificate is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_cluster_with_client_certificates_passes_the_small_layout_cases() {
+    let mut servers = Servers::new("tls-cluster");
+    let dir = servers.dir.clone();
+    let ca = make_ca(&dir, "ca");
+    // One certificate for the nodes (servers to clients, clients to each other) and one for
+    // our client.
+    let (node_cert, node_key) = make_cert(&dir, "ca", "node", "serverAuth,clientAuth");
+    let (client_cert, client_key) = make_cert(&dir, "ca", "client", "clientAuth");
+    let ports = Servers::free_ports(6);
+    let started = Instant::now();
+    for &port in &ports {
+        let extra: Vec<String> = [
+            "--tls-auth-clients",
+            "yes",
+            "--tls-cluster",
+            "yes",
+            "--tls-replication",
+            "yes",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            &format!("nodes-{port}.conf"),
+            "--cluster-node-timeout",
+            "3000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        servers.start_tls_with(
+            port,
+            &ca,
+            &node_cert,
+            &node_key,
+            &extra,
+            Some((&client_cert, &client_key)),
+        );
+    }
+    let client = Some((client_cert.as_path(), client_key.as_path()));
+    let out = tls_cli(&ca, client, ports[0])
+        .args(["--cluster", "create"])
+        .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
+        .args(["--cluster-replicas", "1", "--cluster-yes"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "redis-cli --cluster create over TLS failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for &port in &ports {
+        loop {
+            let info = tls_cli(&ca, client, port)
+                .args(["cluster", "info"])
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the TLS cluster never became ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    println!("TLS cluster up in {:?}", started.elapsed());
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|p| format!("rediss://127.0.0.1:{p}/"))
+        .collect();
+    let tls = RedisTls::trusting(&ca).with_client_cert(&client_cert, &client_key);
+    let counter = AtomicU64::new(0);
+    let config = |layout: Layout| {
+        RedisConfig::cluster(urls.clone())
+            .with_tls(tls.clone())
+            .with_key_prefix(format!("tc{}:", counter.fetch_add(1, Ordering::Relaxed)))
+            .with_layout(layout)
+    };
+    let started = Instant::now();
+    suite::test_small_layout(|| {
+        let config = config(suite::small_layout());
+        async move { connect(config).await }
+    })
+    .await;
+    println!(
+        "small-layout cases on the TLS cluster: {:?}",
+        started.elapsed()
+    );
+
+    // Trusting the CA but presenting no certificate: the nodes refuse the handshake.
+    let anonymous = RedisConfig::cluster(urls.clone())
+        .with_tls(RedisTls::trusting(&ca))
+        .with_key_prefix("tc-anonymous:");
+    match RedisBackend::connect(anonymous).await {
+        Err(BackendError::Tls(e)) => println!("no client certificate: refused as expected: {e}"),
+        Err(other) => panic!("no client certificate: expected a TLS error, got {other:?}"),
+        Ok(_) => panic!("the cluster served a client without a certificate"),
+    }
     drop(servers);
 }

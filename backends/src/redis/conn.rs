@@ -223,9 +223,23 @@ fn retryable_server_error(kind: Option<ServerErrorKind>) -> bool {
 fn connect_failure(e: RedisError) -> BackendError {
     match tls_cause(&e) {
         Some(cause) => BackendError::Tls(format!("redis: {cause}")),
+        // The cluster client reports its nodes' connection failures as text ("Failed to
+        // create initial connections - Io: ..."), which drops the rustls error from the
+        // chain: recognise rustls's own wording in it.
+        None if RUSTLS_WORDING.iter().any(|w| e.to_string().contains(w)) => {
+            BackendError::Tls(format!("redis: {e}"))
+        }
         None => BackendError::Unavailable(format!("cannot connect to redis: {e}")),
     }
 }
+
+/// How rustls words a refused handshake (`rustls::Error`'s `Display`): a fatal alert from the
+/// peer (e.g. a client certificate it requires) or a certificate we refused.
+const RUSTLS_WORDING: [&str; 3] = [
+    "received fatal alert",
+    "invalid peer certificate",
+    "peer is incompatible",
+];
 
 /// Reads a PEM file named in [`super::RedisTls`]; the error names the file, never its bytes.
 fn read_pem(path: &std::path::Path, what: &str) -> Result<Vec<u8>, BackendError> {
