@@ -1442,3 +1442,119 @@ async fn tls_cluster_with_client_certificates_passes_the_small_layout_cases() {
     }
     drop(servers);
 }
+
+/// Sentinel over TLS: a master and its replica listening only with TLS (replication over TLS
+/// too), and three sentinels reached over TLS that watch the master over TLS. The client
+/// finds the master through the sentinels and the small-layout cases pass on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_sentinel_finds_the_master_and_passes_the_small_layout_cases() {
+    let mut servers = Servers::new("tls-sentinel");
+    let dir = servers.dir.clone();
+    let ca = make_ca(&dir, "ca");
+    let (cert, key) = make_cert(&dir, "ca", "node", "serverAuth,clientAuth");
+    let ports = Servers::free_ports(5);
+    let (master, replica, sentinels) = (ports[0], ports[1], &ports[2..]);
+    let tls_args = |more: &[&str]| -> Vec<String> {
+        ["--tls-auth-clients", "no", "--tls-replication", "yes"]
+            .iter()
+            .chain(more)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    servers.start_tls_with(master, &ca, &cert, &key, &tls_args(&[]), None);
+    let master_port = master.to_string();
+    servers.start_tls_with(
+        replica,
+        &ca,
+        &cert,
+        &key,
+        &tls_args(&["--replicaof", "127.0.0.1", &master_port]),
+        None,
+    );
+    for &port in sentinels {
+        let conf = dir.join(format!("sentinel-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "port 0\ntls-port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                 tls-cert-file {cert}\ntls-key-file {key}\ntls-ca-cert-file {ca}\n\
+                 tls-auth-clients no\ntls-replication yes\n\
+                 sentinel monitor gs 127.0.0.1 {master} 2\n\
+                 sentinel down-after-milliseconds gs 1000\n\
+                 sentinel failover-timeout gs 4000\n",
+                dir = dir.display(),
+                cert = cert.display(),
+                key = key.display(),
+                ca = ca.display(),
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join(format!("{port}.log"))).unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start a sentinel: {e}"));
+        servers.children.push((port, child));
+    }
+    // Every sentinel answers over TLS and knows the replica and the other sentinels.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for &port in sentinels {
+        loop {
+            let out = tls_cli(&ca, None, port)
+                .args(["sentinel", "master", "gs"])
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let info = String::from_utf8_lossy(&out.stdout).to_string();
+            let lines: Vec<&str> = info.lines().collect();
+            let field = |name: &str| {
+                lines
+                    .iter()
+                    .position(|l| *l == name)
+                    .and_then(|i| lines.get(i + 1))
+                    .map(|v| v.to_string())
+            };
+            if field("num-slaves").as_deref() == Some("1")
+                && field("num-other-sentinels").as_deref() == Some("2")
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinels never met over TLS: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let urls: Vec<String> = sentinels
+        .iter()
+        .map(|p| format!("rediss://127.0.0.1:{p}/"))
+        .collect();
+    let counter = AtomicU64::new(0);
+    let config = |layout: Layout| {
+        RedisConfig::sentinel(urls.clone(), "gs")
+            .with_tls(RedisTls::trusting(&ca))
+            .with_key_prefix(format!("ts{}:", counter.fetch_add(1, Ordering::Relaxed)))
+            .with_layout(layout)
+    };
+    suite::test_small_layout(|| {
+        let config = config(suite::small_layout());
+        async move { connect(config).await }
+    })
+    .await;
+    // The writes went to the master (the only server the replica copies from).
+    let out = tls_cli(&ca, None, master)
+        .args(["info", "keyspace"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("keys="),
+        "the master holds no keys"
+    );
+    drop(servers);
+}
