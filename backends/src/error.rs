@@ -56,6 +56,16 @@ pub enum BackendError {
     /// unencrypted connection.
     #[error("TLS failure: {0}")]
     Tls(String),
+    /// Other writers changed the key under every one of `attempts` optimistic attempts in a
+    /// row (write contention on one key from other processes); nothing was written. Retrying
+    /// later may succeed.
+    #[error("key {key:?} changed under {attempts} attempts in a row (write contention); nothing was written")]
+    Contention {
+        /// The key written.
+        key: String,
+        /// Attempts made, the first included.
+        attempts: u32,
+    },
     /// The store cannot be reached or failed; the operation may or may not have taken effect.
     #[error("store unavailable: {0}")]
     Unavailable(String),

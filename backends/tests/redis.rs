@@ -1558,3 +1558,74 @@ async fn tls_sentinel_finds_the_master_and_passes_the_small_layout_cases() {
     );
     drop(servers);
 }
+
+/// Writers in two handles hammer one key with a single attempt each: every write either
+/// commits or fails with `Contention`, and a failed one wrote nothing (the counter equals the
+/// committed increments). A write whose only lost race came from a stale cache entry is not
+/// contention: it reads and commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn contention_give_up_is_typed_and_writes_nothing() {
+    use geostate_backends::{BackendError, Expect, Key, LocalWrite, StateBackend};
+    use geostate_crdt::{ActorId, CounterOp, Crdt, Hlc, Op};
+    use std::sync::Arc;
+
+    let ns = Namespace::new(shared_server(), "contention");
+    let mut config = ns.config(Layout::default());
+    config.contention.attempts_max = 1;
+    let a = Arc::new(connect(config.clone()).await);
+    let b = Arc::new(connect(config).await);
+    let k = Key::new("contended").unwrap();
+    let inc = |actor: u64| LocalWrite {
+        key: k.clone(),
+        op: Op::from(CounterOp::inc(1)),
+        actor: ActorId::new(actor),
+        hlc: Hlc::new(1, 0),
+        expect: Expect::Any,
+    };
+    // A stale cache entry with one attempt allowed: still commits.
+    a.apply(inc(1)).await.unwrap();
+    b.apply(inc(2)).await.unwrap();
+    a.apply(inc(1)).await.unwrap();
+    let mut committed = 3u64;
+
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let store = if t % 2 == 0 {
+            Arc::clone(&a)
+        } else {
+            Arc::clone(&b)
+        };
+        let write = inc(10 + t);
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut refused) = (0u64, 0u64);
+            for _ in 0..100 {
+                match store.apply(write.clone()).await {
+                    Ok(_) => ok += 1,
+                    Err(BackendError::Contention { attempts, .. }) => {
+                        assert_eq!(attempts, 1);
+                        refused += 1;
+                    }
+                    Err(e) => panic!("unexpected error: {e}"),
+                }
+            }
+            (ok, refused)
+        }));
+    }
+    let mut refused = 0;
+    for task in tasks {
+        let (ok, r) = task.await.unwrap();
+        committed += ok;
+        refused += r;
+    }
+    let total = match a.get(&k).await.unwrap().map(|s| s.value) {
+        Some(Crdt::PnCounter(c)) => c.value(),
+        other => panic!("expected a counter, got {other:?}"),
+    };
+    assert_eq!(total, i128::from(committed as i64), "{refused} refused");
+    println!("committed {committed}, refused with Contention {refused}");
+    assert!(
+        refused > 0,
+        "no write met contention: the case tested nothing"
+    );
+    a.purge_namespace().await.unwrap();
+}

@@ -62,7 +62,8 @@ impl Default for RetryConfig {
 #[non_exhaustive]
 pub struct ContentionConfig {
     /// Attempts per write, the first included. A write that loses this many races fails with
-    /// [`BackendError::Unavailable`] (nothing was written).
+    /// [`BackendError::Contention`] (nothing was written). An attempt from a stale write
+    /// cache entry does not count.
     pub attempts_max: u32,
     /// Bound of the first delay after a lost race (the first retry waits up to this).
     pub backoff_min: Duration,

@@ -53,8 +53,9 @@
 //! 4. if the key changed in between (another writer won the race), nothing was written and the
 //!    key's cache entry is dropped: after a stale cache entry the client reads at once; after
 //!    a race on a fresh read it waits a jittered, exponentially growing delay; either way it
-//!    starts again from 1, at most [`ContentionConfig::attempts_max`] times, then fails with
-//!    [`BackendError::Unavailable`] ("nothing was written").
+//!    starts again from 1, at most [`ContentionConfig::attempts_max`] times (a stale cache
+//!    entry does not count: it is not contention), then fails with
+//!    [`BackendError::Contention`] (nothing was written).
 //!
 //! So a write to a key this process wrote before is one round trip; a first write is two. The
 //! cache never serves reads ([`get`](StateBackend::get) always asks Redis), and every removal
@@ -1131,20 +1132,23 @@ impl RedisBackend {
         let _guards = self.lock_keys(&keys).await;
         let mut pending: Vec<usize> = (0..items.len()).filter(|&i| out[i].is_none()).collect();
         let mut attempt: u32 = 0;
+        let mut first_round = true;
         while !pending.is_empty() {
             attempt += 1;
-            // Items whose key is in the write cache commit without a read on their first
-            // attempt; a lost race drops the entry, so a retry reads.
+            // Items whose key is in the write cache commit without a read in the first round;
+            // every later round reads (so a stale entry costs at most one round).
             let mut snapshots: Vec<Option<Result<Snapshot, BackendError>>> = pending
                 .iter()
                 .map(|&i| {
                     let item = &items[i];
-                    self.cache
-                        .get(item.key())
+                    first_round
+                        .then(|| self.cache.get(item.key()))
+                        .flatten()
                         .and_then(|entry| Snapshot::cached(entry, item))
                         .map(Ok)
                 })
                 .collect();
+            first_round = false;
             let reads: Vec<(&Key, Option<ActorId>)> = pending
                 .iter()
                 .zip(&snapshots)
@@ -1231,14 +1235,16 @@ impl RedisBackend {
             counters
                 .races
                 .fetch_add(raced.len() as u64, Ordering::Relaxed);
-            if attempt >= self.contention.attempts_max {
+            if !contended {
+                // Only stale cache entries lost: not contention, and the next attempt reads.
+                attempt -= 1;
+            } else if attempt >= self.contention.attempts_max {
                 for i in raced {
                     counters.gave_up.fetch_add(1, Ordering::Relaxed);
-                    out[i] = Some(Err(BackendError::Unavailable(format!(
-                        "key {:?} changed under {attempt} attempts in a row (write contention); \
-                         gave up, nothing was written",
-                        items[i].key().as_str()
-                    ))));
+                    out[i] = Some(Err(BackendError::Contention {
+                        key: items[i].key().to_string(),
+                        attempts: attempt,
+                    }));
                 }
                 break;
             }
@@ -1366,10 +1372,10 @@ impl RedisBackend {
                 .fetch_add(raced.len() as u64, Ordering::Relaxed);
             if attempt >= self.contention.attempts_max {
                 counters.gave_up.fetch_add(1, Ordering::Relaxed);
-                return Err(BackendError::Unavailable(format!(
-                    "key {:?} changed under {attempt} delete attempts in a row (write                      contention); gave up without deleting it",
-                    keys[raced[0]].as_str()
-                )));
+                return Err(BackendError::Contention {
+                    key: keys[raced[0]].to_string(),
+                    attempts: attempt,
+                });
             }
             tokio::time::sleep(self.conn.backoff(
                 attempt,
