@@ -42,6 +42,8 @@
 //! ```
 
 pub mod backend;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub mod cache;
 pub mod digest;
 pub mod error;
 pub mod key;

@@ -19,7 +19,7 @@ use geostate_backends::postgres::{PostgresBackend, PostgresConfig, ReadPolicy, S
 use geostate_backends::{
     suite, BackendError, Expect, FeedEntry, Key, Layout, LocalWrite, StateBackend,
 };
-use geostate_crdt::{ActorId, CounterOp, Crdt, Hlc, Op, TypeTag};
+use geostate_crdt::{ActorId, CounterOp, Crdt, Hlc, Op, SetOp, TypeTag};
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
@@ -408,6 +408,527 @@ async fn purges_race_the_writes_of_another_store() {
     let b = Arc::new(PostgresBackend::connect(config).await.unwrap());
     suite::purge_race(Arc::clone(&a), Arc::clone(&b)).await;
     println!("store a: {:?}; store b: {:?}", a.stats(), b.stats());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The optimistic write path and its cache
+// ---------------------------------------------------------------------------------------------
+
+/// A write of `op` to `k` by `actor`.
+fn write_op(k: &Key, op: impl Into<Op>, actor: u64, i: u64) -> LocalWrite {
+    LocalWrite {
+        key: k.clone(),
+        op: op.into(),
+        actor: ActorId::new(actor),
+        hlc: Hlc::new(1_700_000_000_000 + i, 0),
+        expect: Expect::Any,
+    }
+}
+
+fn set_of(value: &Crdt) -> BTreeSet<Vec<u8>> {
+    match value {
+        Crdt::OrSet(set) => set.iter().cloned().collect(),
+        other => panic!("expected a set, found a {}", other.type_tag()),
+    }
+}
+
+/// The first `n` keys named `prefix<i>` that fall in `partition`.
+fn keys_in(layout: &Layout, partition: u16, prefix: &str, n: usize) -> Vec<Key> {
+    (0u64..)
+        .map(|i| key(&format!("{prefix}{i}")))
+        .filter(|k| layout.partition_of(k) == partition)
+        .take(n)
+        .collect()
+}
+
+/// For every key of the feed of `partition`, the counters `actor` reached in the contexts of
+/// its deltas, in feed order: a key's writes are serialised, so these climb strictly if no
+/// dot was minted twice.
+async fn minted_per_key(
+    b: &PostgresBackend,
+    partition: u16,
+    actor: u64,
+) -> BTreeMap<Key, Vec<u64>> {
+    let mut out: BTreeMap<Key, Vec<u64>> = BTreeMap::new();
+    for e in whole_feed(b, partition).await {
+        let top = e.delta.context().maxima().get(ActorId::new(actor));
+        out.entry(e.key.clone()).or_default().push(top);
+    }
+    out
+}
+
+/// Two stores on one schema (two connection pools and two write caches, as two processes
+/// have), four tasks each, write the same few keys at the same time as ONE actor: counters and
+/// sets on keys of one partition. Nothing is lost (counter sums exact, every add present), the
+/// feed holds one entry per write with contiguous sequence numbers, replaying it rebuilds every
+/// value, and no dot was minted twice (each key's deltas climb strictly). The stores' caches
+/// went stale under one another, which the version condition caught: races were counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_stores_sharing_an_actor_lose_nothing_and_mint_each_dot_once() {
+    const TASKS_PER_STORE: u64 = 4;
+    const WRITES: u64 = 150;
+    const ACTOR: u64 = 5;
+    let schemas = Schemas::new("optim");
+    let config = schemas.config(schemas.fresh(), Layout::default());
+    let a = Arc::new(PostgresBackend::connect(config.clone()).await.unwrap());
+    let b = Arc::new(PostgresBackend::connect(config).await.unwrap());
+    let p = 7;
+    let keys = Arc::new(keys_in(a.layout(), p, "optim:", 4));
+    let tasks: Vec<_> = (0..2 * TASKS_PER_STORE)
+        .map(|t| {
+            let store = Arc::clone(if t % 2 == 0 { &a } else { &b });
+            let keys = Arc::clone(&keys);
+            tokio::spawn(async move {
+                let mut added = Vec::new();
+                let mut incremented = [0u64; 2];
+                for i in 0..WRITES {
+                    let which = ((i + t) % 4) as usize;
+                    let k = &keys[which];
+                    if which < 2 {
+                        let n = 1 + (i % 3);
+                        store
+                            .apply(write_op(k, CounterOp::inc(n), ACTOR, i))
+                            .await
+                            .unwrap_or_else(|e| panic!("task {t}, write {i} to {k}: {e}"));
+                        incremented[which] += n;
+                    } else {
+                        let element = format!("t{t}-{i}").into_bytes();
+                        store
+                            .apply(write_op(k, SetOp::add(element.clone()), ACTOR, i))
+                            .await
+                            .unwrap_or_else(|e| panic!("task {t}, write {i} to {k}: {e}"));
+                        added.push((which, element));
+                    }
+                }
+                (incremented, added)
+            })
+        })
+        .collect();
+    let mut totals = [0u64; 2];
+    let mut adds: BTreeMap<usize, BTreeSet<Vec<u8>>> = BTreeMap::new();
+    for task in tasks {
+        let (incremented, added) = task.await.unwrap();
+        totals[0] += incremented[0];
+        totals[1] += incremented[1];
+        for (which, element) in added {
+            adds.entry(which).or_default().insert(element);
+        }
+    }
+    for (which, total) in totals.iter().enumerate() {
+        assert_eq!(
+            counter_of(&*a, &keys[which]).await,
+            i128::from(*total),
+            "counter {} lost updates",
+            keys[which]
+        );
+        assert_eq!(counter_of(&*b, &keys[which]).await, i128::from(*total));
+    }
+    for (which, elements) in &adds {
+        let value = a.get(&keys[*which]).await.unwrap().unwrap().value;
+        assert_eq!(&set_of(&value), elements, "set {} lost adds", keys[*which]);
+    }
+    let feed = whole_feed(&*a, p).await;
+    assert_eq!(
+        feed.len() as u64,
+        2 * TASKS_PER_STORE * WRITES,
+        "one entry per write"
+    );
+    let mut replay: BTreeMap<Key, Crdt> = BTreeMap::new();
+    for e in &feed {
+        let value = replay
+            .entry(e.key.clone())
+            .or_insert_with(|| Crdt::empty(e.delta.type_tag()));
+        value.merge(&e.delta).unwrap();
+    }
+    for k in keys.iter() {
+        assert_eq!(
+            replay.get(k),
+            Some(&a.get(k).await.unwrap().unwrap().value),
+            "{k}"
+        );
+    }
+    for (k, minted) in minted_per_key(&a, p, ACTOR).await {
+        assert!(
+            minted.windows(2).all(|w| w[0] < w[1]),
+            "{k}: a dot was minted twice: {minted:?}"
+        );
+    }
+    assert!(a.verify_digest(p).await.unwrap().is_empty());
+    let (sa, sb) = (a.stats(), b.stats());
+    println!("store a: {sa:?}\nstore b: {sb:?}");
+    assert!(
+        sa.races + sb.races > 0,
+        "the two stores never raced: the stale-cache path was not exercised"
+    );
+    assert!(sa.optimistic_commits > 0 && sb.optimistic_commits > 0);
+}
+
+/// A store's cached entry goes stale when another store writes the key: its next write is
+/// retried from a fresh read (one race counted), and nothing computed from the stale entry is
+/// answered without that read: a compare-and-set against the stale version fails with the
+/// current version, one against the current version succeeds, and removing an element that
+/// only the other store added removes it (not a no-op computed from the stale set).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_cache_entry_is_detected_and_retried() {
+    let schemas = Schemas::new("stale");
+    let config = schemas.config(schemas.fresh(), Layout::default());
+    let a = PostgresBackend::connect(config.clone()).await.unwrap();
+    let b = PostgresBackend::connect(config).await.unwrap();
+    let k = key("stale:counter");
+    let first = a.apply(inc(&k, 1, 1, 0, 0)).await.unwrap();
+    let second = a.apply(inc(&k, 1, 1, 0, 1)).await.unwrap();
+    let before = a.stats();
+    assert_eq!(before.races, 0);
+    assert!(before.optimistic_commits >= 1, "{before:?}");
+    assert!(
+        before.write_cache.hits >= 1,
+        "the second write used the cache: {before:?}"
+    );
+    let other = b.apply(inc(&k, 10, 2, 0, 2)).await.unwrap();
+    assert!(other.version > second.version && second.version > first.version);
+    let third = a.apply(inc(&k, 1, 1, 0, 3)).await.unwrap();
+    let after = a.stats();
+    assert_eq!(after.races, before.races + 1, "{after:?}");
+    assert!(third.version > other.version);
+    assert_eq!(counter_of(&a, &k).await, 13);
+
+    // Compare-and-set against a stale cached version.
+    let fourth = b.apply(inc(&k, 1, 2, 0, 4)).await.unwrap();
+    let mut stale = inc(&k, 1, 1, 0, 5);
+    stale.expect = Expect::Version(third.version);
+    match a.apply(stale).await {
+        Err(BackendError::VersionConflict { actual, .. }) => {
+            assert_eq!(actual, Some(fourth.version));
+        }
+        other => panic!("a compare-and-set on a stale version: {other:?}"),
+    }
+    let mut current = inc(&k, 1, 1, 0, 6);
+    current.expect = Expect::Version(fourth.version);
+    a.apply(current).await.unwrap();
+    assert_eq!(counter_of(&a, &k).await, 15);
+
+    // A removal that is a no-op on the stale cached set is not one on the stored set.
+    let s = key("stale:set");
+    a.apply(write_op(&s, SetOp::add("x"), 1, 7)).await.unwrap();
+    b.apply(write_op(&s, SetOp::add("y"), 2, 8)).await.unwrap();
+    let removed = a
+        .apply(write_op(&s, SetOp::remove("y"), 1, 9))
+        .await
+        .unwrap();
+    assert!(removed.seq.is_some(), "the removal of y was written");
+    let value = b.get(&s).await.unwrap().unwrap().value;
+    assert_eq!(set_of(&value), BTreeSet::from([b"x".to_vec()]));
+    let p = a.layout().partition_of(&s);
+    assert!(a.verify_digest(p).await.unwrap().is_empty());
+    println!("store a: {:?}", a.stats());
+}
+
+/// Another store deletes or purges a key that this store has cached, or purges another key of
+/// the same partition (raising the dot floor this store's cached write was computed with): the
+/// cached write changes nothing, is retried from a fresh read, and mints dots above the floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removals_by_another_store_invalidate_cached_writes() {
+    const ACTOR: u64 = 3;
+    let schemas = Schemas::new("purged");
+    let config = schemas.config(schemas.fresh(), Layout::default());
+    let a = PostgresBackend::connect(config.clone()).await.unwrap();
+    let b = PostgresBackend::connect(config).await.unwrap();
+    let p = 11;
+    let ks = keys_in(a.layout(), p, "purged:", 3);
+    let (k, other) = (&ks[0], &ks[1]);
+
+    // A purge of the cached key itself.
+    for i in 0..3 {
+        a.apply(write_op(k, CounterOp::inc(1), ACTOR, i))
+            .await
+            .unwrap();
+    }
+    let deleted = b.apply(write_op(k, Op::Delete, ACTOR, 3)).await.unwrap();
+    assert!(
+        b.purge(k, deleted.version).await.unwrap(),
+        "the tombstone was purged"
+    );
+    let floor = b.dot_floor(p).await.unwrap().get(ActorId::new(ACTOR));
+    assert!(floor >= 3, "the floor covers the purged dots ({floor})");
+    let races = a.stats().races;
+    let after = a
+        .apply(write_op(k, CounterOp::inc(5), ACTOR, 4))
+        .await
+        .unwrap();
+    assert!(a.stats().races > races, "the stale entry cost a race");
+    assert!(
+        after.delta.context().maxima().get(ActorId::new(ACTOR)) > floor,
+        "the write after the purge mints above the floor"
+    );
+    assert_eq!(counter_of(&a, k).await, 5);
+
+    // A physical delete of the cached key.
+    a.apply(write_op(k, CounterOp::inc(1), ACTOR, 5))
+        .await
+        .unwrap();
+    assert!(b.delete(k).await.unwrap());
+    let floor = b.dot_floor(p).await.unwrap().get(ActorId::new(ACTOR));
+    let after = a
+        .apply(write_op(k, CounterOp::inc(2), ACTOR, 6))
+        .await
+        .unwrap();
+    assert!(after.delta.context().maxima().get(ActorId::new(ACTOR)) > floor);
+    assert_eq!(counter_of(&a, k).await, 2);
+
+    // A purge of another key of the partition raises the floor above what the cached entry
+    // of `k` was read with: the write is computed again with the new floor (lifted).
+    a.apply(write_op(k, CounterOp::inc(1), ACTOR, 7))
+        .await
+        .unwrap();
+    let mut top = 0;
+    for i in 0..20 {
+        let r = b
+            .apply(write_op(other, CounterOp::inc(1), ACTOR, 8 + i))
+            .await
+            .unwrap();
+        top = r.delta.context().maxima().get(ActorId::new(ACTOR));
+    }
+    let deleted = b
+        .apply(write_op(other, Op::Delete, ACTOR, 30))
+        .await
+        .unwrap();
+    assert!(b.purge(other, deleted.version).await.unwrap());
+    let floor = b.dot_floor(p).await.unwrap().get(ActorId::new(ACTOR));
+    assert!(floor >= top && floor > 4, "floor {floor}, top {top}");
+    let races = a.stats().races;
+    let lifted = a
+        .apply(write_op(k, CounterOp::inc(1), ACTOR, 31))
+        .await
+        .unwrap();
+    assert!(a.stats().races > races, "the epoch change cost a race");
+    assert!(
+        lifted.delta.context().maxima().get(ActorId::new(ACTOR)) > floor,
+        "computed with the raised floor"
+    );
+    assert_eq!(counter_of(&a, k).await, 4);
+    assert!(a.verify_digest(p).await.unwrap().is_empty());
+    println!("store a: {:?}; store b: {:?}", a.stats(), b.stats());
+}
+
+/// The write cache keeps at most its configured entries and bytes, forgetting the least
+/// recently used; evicted keys are simply read again (values stay exact), and a cache of 0
+/// entries disables it without changing any result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_cache_is_bounded() {
+    let schemas = Schemas::new("bound");
+    let mut config = schemas.config(schemas.fresh(), Layout::default());
+    config.write_cache_entries = 8;
+    let a = PostgresBackend::connect(config.clone()).await.unwrap();
+    let ks: Vec<Key> = (0..50).map(|i| key(&format!("bound:{i}"))).collect();
+    for round in 0..2 {
+        for (i, k) in ks.iter().enumerate() {
+            a.apply(inc(k, 1, 1, 0, (round * 50 + i) as u64))
+                .await
+                .unwrap();
+            let cache = a.stats().write_cache;
+            assert!(cache.entries <= 8, "{cache:?}");
+        }
+    }
+    let stats = a.stats();
+    assert!(stats.write_cache.evictions >= 90, "{stats:?}");
+    for k in &ks {
+        assert_eq!(counter_of(&a, k).await, 2);
+    }
+
+    // A byte bound: values of about 2 KiB, a budget of about three of them.
+    let mut config = schemas.config(schemas.fresh(), Layout::default());
+    config.write_cache_bytes = 3 * (2 * 2_200 + 200);
+    let b = PostgresBackend::connect(config.clone()).await.unwrap();
+    for (i, k) in ks.iter().take(20).enumerate() {
+        let element = vec![b'a' + (i % 26) as u8; 2_000];
+        b.apply(write_op(k, SetOp::add(element), 1, i as u64))
+            .await
+            .unwrap();
+        let cache = b.stats().write_cache;
+        assert!(
+            cache.bytes as usize <= config.write_cache_bytes,
+            "{cache:?}"
+        );
+        assert!(cache.entries <= 3, "{cache:?}");
+    }
+    assert!(b.stats().write_cache.entries >= 1);
+
+    // No cache: every write reads first; same results.
+    let mut config = schemas.config(schemas.fresh(), Layout::default());
+    config.write_cache_entries = 0;
+    let c = PostgresBackend::connect(config).await.unwrap();
+    for i in 0..5 {
+        c.apply(inc(&ks[0], 2, 1, 0, i)).await.unwrap();
+    }
+    assert_eq!(counter_of(&c, &ks[0]).await, 10);
+    let stats = c.stats();
+    assert_eq!(stats.write_cache.entries, 0);
+    assert_eq!(stats.write_cache.hits, 0);
+    assert_eq!(stats.optimistic_commits, 5, "{stats:?}");
+}
+
+/// Batches of writes to cached keys go in one statement per wave of distinct keys: each item
+/// gets its own version and, in item order, its partition's next feed sequence number. Items
+/// whose key another store changed, or whose partition's floor moved (a purge), are left out
+/// of that statement and written one by one: nothing is lost, the feed replays to the values
+/// and the digests stay right. Remote merges batch the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_of_cached_keys_are_one_statement_and_races_are_redone() {
+    const ACTOR: u64 = 4;
+    let schemas = Schemas::new("batch");
+    let config = schemas.config(schemas.fresh(), Layout::default());
+    let a = PostgresBackend::connect(config.clone()).await.unwrap();
+    let b = PostgresBackend::connect(config).await.unwrap();
+    let p = 13;
+    let ks = keys_in(a.layout(), p, "batch:", 12);
+    let (keys, victim) = (&ks[..10], &ks[10]);
+    let batch = |round: u64| -> Vec<LocalWrite> {
+        // Every key twice: two waves of distinct keys.
+        (0..20u64)
+            .map(|i| {
+                write_op(
+                    &keys[(i % 10) as usize],
+                    CounterOp::inc(1),
+                    ACTOR,
+                    round * 100 + i,
+                )
+            })
+            .collect()
+    };
+    let check_ok = |results: Vec<Result<geostate_backends::Receipt, BackendError>>| {
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| panic!("a batch item failed: {e}")))
+            .collect::<Vec<_>>()
+    };
+    // Absent keys: written one by one (and cached).
+    check_ok(a.apply_many(batch(0)).await.unwrap());
+    // Cached: one statement per wave, sequence numbers in item order.
+    let before = a.stats();
+    let receipts = check_ok(a.apply_many(batch(1)).await.unwrap());
+    let after = a.stats();
+    assert_eq!(
+        after.optimistic_commits - before.optimistic_commits,
+        20,
+        "{after:?}"
+    );
+    assert_eq!(after.races, before.races);
+    let seqs: Vec<u64> = receipts.iter().map(|r| r.seq.unwrap()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] + 1 == w[1]),
+        "seqs in item order: {seqs:?}"
+    );
+    let versions: Vec<u64> = receipts.iter().map(|r| r.version).collect();
+    assert!(
+        versions.windows(2).all(|w| w[0] < w[1]),
+        "versions: {versions:?}"
+    );
+
+    // Another store writes one key and purges another key of the partition: the purge moves
+    // the floor epoch every cached entry of the partition was read with, so the whole wave
+    // loses its race and is redone one by one.
+    b.apply(write_op(&keys[3], CounterOp::inc(10), ACTOR, 500))
+        .await
+        .unwrap();
+    b.apply(write_op(victim, CounterOp::inc(1), ACTOR, 501))
+        .await
+        .unwrap();
+    let deleted = b
+        .apply(write_op(victim, Op::Delete, ACTOR, 502))
+        .await
+        .unwrap();
+    assert!(b.purge(victim, deleted.version).await.unwrap());
+    let before = a.stats();
+    check_ok(a.apply_many(batch(2)).await.unwrap());
+    let after = a.stats();
+    assert!(after.races >= before.races + 10, "{before:?} -> {after:?}");
+    // Now cached again, and only one key goes stale.
+    b.apply(write_op(&keys[7], CounterOp::inc(10), ACTOR, 600))
+        .await
+        .unwrap();
+    let before = a.stats();
+    check_ok(a.apply_many(batch(3)).await.unwrap());
+    let after = a.stats();
+    assert_eq!(after.races, before.races + 1, "{before:?} -> {after:?}");
+
+    for (i, k) in keys.iter().enumerate() {
+        let extra = if i == 3 || i == 7 { 10 } else { 0 };
+        assert_eq!(counter_of(&a, k).await, 8 + extra, "{k}");
+    }
+    let feed = whole_feed(&a, p).await;
+    let mut replay: BTreeMap<Key, Crdt> = BTreeMap::new();
+    for e in &feed {
+        replay
+            .entry(e.key.clone())
+            .or_insert_with(|| Crdt::empty(e.delta.type_tag()))
+            .merge(&e.delta)
+            .unwrap();
+    }
+    for k in keys {
+        assert_eq!(
+            replay.get(k),
+            Some(&a.get(k).await.unwrap().unwrap().value),
+            "{k}"
+        );
+    }
+    for (k, minted) in minted_per_key(&a, p, ACTOR).await {
+        if &k != victim {
+            assert!(minted.windows(2).all(|w| w[0] < w[1]), "{k}: {minted:?}");
+        }
+    }
+    assert!(a.verify_digest(p).await.unwrap().is_empty());
+
+    // Remote merges into cached keys: one statement, never fed.
+    let last_seq = a.read_feed(p, 0, 1).await.unwrap().last_seq;
+    let remote: Vec<(Key, Crdt)> = keys
+        .iter()
+        .map(|k| {
+            let delta = Crdt::empty(TypeTag::PnCounter)
+                .apply(
+                    ActorId::new(99),
+                    Hlc::new(1, 0),
+                    &Op::from(CounterOp::inc(100)),
+                )
+                .unwrap();
+            (k.clone(), delta)
+        })
+        .collect();
+    let before = a.stats();
+    for r in a.merge_many(&remote).await.unwrap() {
+        assert_eq!(r.unwrap().seq, None);
+    }
+    let after = a.stats();
+    assert_eq!(after.optimistic_commits - before.optimistic_commits, 10);
+    // Merged twice: idempotent.
+    a.merge_many(&remote).await.unwrap();
+    for (i, k) in keys.iter().enumerate() {
+        let extra = if i == 3 || i == 7 { 10 } else { 0 };
+        assert_eq!(counter_of(&a, k).await, 108 + extra, "{k}");
+    }
+    assert_eq!(a.read_feed(p, 0, 1).await.unwrap().last_seq, last_seq);
+    assert!(a.verify_digest(p).await.unwrap().is_empty());
+    println!("store a: {:?}", a.stats());
+}
+
+/// With `optimistic_attempts_max = 0` every write takes the locking transaction, and the
+/// results are the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_locking_transaction_alone_still_works() {
+    let schemas = Schemas::new("locking");
+    let mut config = schemas.config(schemas.fresh(), Layout::default());
+    config.retry.optimistic_attempts_max = 0;
+    let a = PostgresBackend::connect(config).await.unwrap();
+    let k = key("locking:counter");
+    for i in 0..10 {
+        a.apply(inc(&k, 1, 1, 0, i)).await.unwrap();
+    }
+    assert_eq!(counter_of(&a, &k).await, 10);
+    let stats = a.stats();
+    assert_eq!(
+        (stats.optimistic_commits, stats.locking_commits),
+        (0, 10),
+        "{stats:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -290,6 +290,38 @@ async fn the_write_cache_saves_reads_and_a_stale_entry_costs_only_a_race() {
         "minted {minted} at or below the floor {floor}"
     );
 
+    // A stale entry never answers alone: a compare-and-set against the version another
+    // handle wrote, and a remove of an element only the other handle added, both take effect.
+    let cas = Key::new("wc:cas").unwrap();
+    a.apply(write(&cas, CounterOp::inc(1).into(), 1))
+        .await
+        .unwrap();
+    let theirs = b
+        .apply(write(&cas, CounterOp::inc(1).into(), 2))
+        .await
+        .unwrap();
+    let mut expecting = write(&cas, CounterOp::inc(1).into(), 1);
+    expecting.expect = Expect::Version(theirs.version);
+    a.apply(expecting).await.unwrap();
+    assert_eq!(counter(a.get(&cas).await.unwrap()), 3);
+    let set = Key::new("wc:remove").unwrap();
+    a.apply(write(&set, SetOp::add("x").into(), 1))
+        .await
+        .unwrap();
+    b.apply(write(&set, SetOp::add("y").into(), 2))
+        .await
+        .unwrap();
+    a.apply(write(&set, SetOp::remove("y").into(), 1))
+        .await
+        .unwrap();
+    match a.get(&set).await.unwrap().map(|s| s.value) {
+        Some(Crdt::OrSet(s)) => {
+            let elements: Vec<&[u8]> = s.iter().map(|e| e.as_ref()).collect();
+            assert_eq!(elements, vec![b"x".as_slice()]);
+        }
+        other => panic!("expected a set, got {other:?}"),
+    }
+
     // With the cache disabled, every write reads first.
     let mut off = config;
     off.write_cache = WriteCacheConfig::disabled();

@@ -62,9 +62,12 @@ impl SslMode {
 }
 
 /// How failed attempts are retried: serialization failures and deadlocks (SQLSTATE 40001,
-/// 40P01), a lost race to create a key, and connection failures that happened before a
-/// transaction could have committed. A failure during `COMMIT` is never retried (the write may
-/// have taken effect); it is reported as [`BackendError::Unavailable`].
+/// 40P01), a lost race to create a key, a lost optimistic race (the key or the partition's dot
+/// floor changed between the read a write was computed from and its commit), and connection
+/// failures that happened before anything could have committed. A connection failure while a
+/// local write could be committing (during `COMMIT`, or during the single statement of an
+/// optimistic write) is never retried (the write may have taken effect); it is reported as
+/// [`BackendError::Unavailable`].
 ///
 /// ```
 /// use std::time::Duration;
@@ -82,6 +85,12 @@ pub struct RetryPolicy {
     pub backoff_base: Duration,
     /// Largest backoff before jitter.
     pub backoff_max: Duration,
+    /// Optimistic attempts of a write before it falls back to the locking transaction (see
+    /// the module documentation of [`crate::postgres`]): the first from the write cache if the
+    /// key is cached, the others from a fresh read. An attempt that loses a race is retried at
+    /// once (no backoff): the next one reads afresh, and the locking transaction cannot lose
+    /// one. 0 makes every write take the locking transaction.
+    pub optimistic_attempts_max: u32,
 }
 
 impl Default for RetryPolicy {
@@ -90,6 +99,7 @@ impl Default for RetryPolicy {
             attempts_max: 10,
             backoff_base: Duration::from_millis(2),
             backoff_max: Duration::from_millis(500),
+            optimistic_attempts_max: 2,
         }
     }
 }
@@ -180,8 +190,15 @@ pub struct PostgresConfig {
     /// use. Connections broken more recently surface as failed attempts: retried when nothing
     /// can have been committed, reported otherwise.
     pub ping_if_idle_for: Duration,
-    /// Retries of transient failures.
+    /// Retries of transient failures, and how many optimistic attempts a write makes.
     pub retry: RetryPolicy,
+    /// Most keys the write cache holds (what this process last read or wrote for a key, so
+    /// that the next write to it is one statement). 0 disables the cache: every optimistic
+    /// write then reads first (two statements).
+    pub write_cache_entries: usize,
+    /// Most bytes the write cache holds, each entry charged about twice its envelope's size
+    /// (a rough measure of the decoded value). 0 disables the cache.
+    pub write_cache_bytes: usize,
     /// Seed of the random choices (replica choice under [`ReadPolicy::Random`], backoff
     /// jitter). `None` seeds from the process id and the time; tests should set it.
     pub rng_seed: Option<u64>,
@@ -226,6 +243,8 @@ impl PostgresConfig {
             synchronous_commit: true,
             ping_if_idle_for: Duration::from_secs(1),
             retry: RetryPolicy::default(),
+            write_cache_entries: 10_000,
+            write_cache_bytes: 64 << 20,
             rng_seed: None,
             create_schema: true,
             run_migrations: true,
@@ -298,6 +317,8 @@ impl fmt::Debug for PostgresConfig {
             .field("synchronous_commit", &self.synchronous_commit)
             .field("ping_if_idle_for", &self.ping_if_idle_for)
             .field("retry", &self.retry)
+            .field("write_cache_entries", &self.write_cache_entries)
+            .field("write_cache_bytes", &self.write_cache_bytes)
             .field("rng_seed", &self.rng_seed)
             .field("create_schema", &self.create_schema)
             .field("run_migrations", &self.run_migrations)

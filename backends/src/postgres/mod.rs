@@ -21,24 +21,75 @@
 //! scan is the index range `key >= prefix AND key < successor(prefix)` (no `LIKE`, so `%`, `_`
 //! and `\` in a prefix are ordinary characters).
 //!
-//! # The transaction of a write
+//! # The write path
 //!
-//! [`apply`](StateBackend::apply) runs, in one `READ COMMITTED` transaction on the primary:
+//! Every write ends in one statement (`write_cas`, `write_new` or `write_existing` in
+//! `sql.rs`) that bumps the partition's row in `gs_partitions` (next version, next feed
+//! sequence number, new trim point), inserts or updates the value (with its tombstone flag),
+//! appends the feed entry (local writes only), deletes the entries beyond `feed_entries_max`,
+//! and XORs the key's old and new entry hashes into its digest bucket. What differs is how the
+//! state the write is computed from is obtained and kept current until that statement runs.
+//!
+//! ## Optimistic: one statement
+//!
+//! [`apply`](StateBackend::apply) first tries, at most
+//! [`RetryPolicy::optimistic_attempts_max`] times:
+//!
+//! 1. the starting state: the **write cache**'s entry for the key (what this process last read
+//!    or wrote for it: its version, decoded value, entry hash, envelope hash, and the
+//!    writer's dot floor entry with the partition's floor epoch it was read at; see
+//!    [`crate::cache`]) if there is one for this writer, else one plain `SELECT` (no
+//!    transaction, no lock) of the key's row, the writer's dot floor entry and the
+//!    partition's floor epoch, in one snapshot (undecodable bytes: [`BackendError::Corrupt`],
+//!    nothing written);
+//! 2. in Rust: check the compare-and-set condition, compute the delta with [`local_delta`]
+//!    and that floor, join it, check the size limit, hash the result;
+//! 3. the write statement, on its own (autocommit), conditional: for an existing key
+//!    (`write_cas`) it first locks the key's row **if it still holds the version and the
+//!    envelope (by SHA-256) that the write was computed from**, then updates the partition row
+//!    **if its floor epoch is still the one read with the floor**; for an absent key
+//!    (`write_new`) the partition row is updated under the same epoch condition and the value
+//!    inserted (a writer that created the key meanwhile makes the insert fail on the primary
+//!    key). Under `READ COMMITTED` both conditions are re-checked on the newest row versions
+//!    after waiting for the row locks, so a concurrent writer (this process or another, the
+//!    same actor or not), a delete, a purge, or a purge or delete of any key of the partition
+//!    (which raises the dot floor and bumps the epoch in one transaction) since the read
+//!    leaves the statement writing **nothing**;
+//! 4. it wrote: acknowledge and cache the new version and value. It wrote nothing (a *race*,
+//!    counted in [`PostgresStats::races`]): drop the cache entry and try again at once from a
+//!    fresh read.
+//!
+//! A cache hit is one round trip; a miss two (read, write). Only a write is ever made of a
+//! cached entry: a no-op, an error or a failed compare-and-set computed from it is confirmed
+//! on a fresh read before it is answered, so a stale entry costs one wasted statement, never a
+//! wrong result. The cache is bounded ([`PostgresConfig::write_cache_entries`],
+//! [`PostgresConfig::write_cache_bytes`], least recently used forgotten first) and the entry
+//! of a key is dropped on every race, failure, delete and purge through this store. Writes to
+//! one key from tasks of this process are serialised by a striped in-process lock, so they do
+//! not race one another; writers in other processes are kept correct by the conditions alone.
+//!
+//! Why this keeps the store's promises: the key's row lock, then the partition row lock, are
+//! held from the check to the commit, as in the locking transaction below; versions never
+//! repeat in a partition, so an unchanged version and envelope hash mean the state the delta
+//! was computed from is the current one and no dot of it can have been minted by another
+//! writer (even one sharing the actor); an unchanged floor epoch means the floor used is the
+//! current floor. Feed entries are still numbered under the partition row lock, in commit
+//! order.
+//!
+//! ## Locking: the fallback transaction
+//!
+//! After the optimistic attempts (two by default) have lost their races, and always when
+//! `optimistic_attempts_max` is 0, a write runs in one `READ COMMITTED` transaction, which
+//! cannot lose a race:
 //!
 //! 1. `SELECT ... FROM gs_values WHERE key = $1 FOR UPDATE`: locks the key's row, so
-//!    concurrent writers of one key (tasks or processes) queue here; when there is no row
-//!    (the key is absent), one more statement reads the partition's floor epoch and the
-//!    writer's dot floor, in one snapshot;
-//! 2. in Rust: decode the stored envelope (undecodable bytes end the transaction with
-//!    [`BackendError::Corrupt`]; nothing is written), check the compare-and-set condition,
-//!    compute the operation's delta from the locked state with [`local_delta`] and the
-//!    writer's dot floor (read by the locking statement, or with the epoch for an absent
-//!    key), join it, check the size limit and hash the result for the digest;
-//! 3. one statement: bump the partition's row in `gs_partitions` (next version, next feed
-//!    sequence number, new trim point), insert or update the value (with its tombstone flag),
-//!    append the feed entry, delete the entries beyond `feed_entries_max`, and XOR the key's
-//!    old and new entry hashes into its digest bucket;
-//! 4. `COMMIT`, then acknowledge.
+//!    concurrent writers of one key queue here (the writer's dot floor entry and the floor
+//!    epoch are read by the same statement); when there is no row (the key is absent), one
+//!    more statement reads the partition's floor epoch and the writer's dot floor, in one
+//!    snapshot;
+//! 2. as step 2 above, from the locked state;
+//! 3. the write statement (`write_existing`, or `write_new` with the epoch condition);
+//! 4. `COMMIT`, then acknowledge (and cache what was written).
 //!
 //! A key that does not exist yet has no row to lock: two writers creating it race on the
 //! primary key, and the loser's transaction is retried (it then finds and locks the row).
@@ -46,42 +97,68 @@
 //! create the key and a collector purge it, raising the floor above the one the delta was
 //! computed from. So a write to an absent key updates the partition row in step 3 only if its
 //! floor epoch is still the one read in step 1; every purge and delete bumps the epoch in the
-//! transaction that raises the floor, and `READ COMMITTED` re-checks the condition on the
-//! newest row version after waiting for the row lock, so a removal that committed in between
-//! leaves nothing written and the attempt is retried. (Any removal in the partition does; a
-//! harmless extra attempt. Writes to existing keys pass no epoch and are unchanged.)
+//! transaction that raises the floor, so a removal that committed in between leaves nothing
+//! written and the attempt is retried. (Any removal in the partition does; a harmless extra
+//! attempt. The locking transaction's writes to existing keys pass no epoch: they hold the
+//! key's row, which a removal of the key must lock first, and a removal of another key cannot
+//! put a dot of this key under the floor.)
 //!
 //! Locks are taken in the order key rows, partition rows, dot floor rows, digest rows: a
 //! write takes one of each (no floor row); a purge locks its key row, then bumps the
 //! partition's epoch and raises the floor, then deletes the row and its digest contribution;
 //! a physical delete of many keys locks their rows in key order, decodes them, then locks
 //! their partitions' rows in partition order, raises the floors and deletes. Writes and
-//! removals therefore never deadlock one another. The partition row is held from step 3 to
-//! the commit, so feed sequence numbers are handed out in commit order: a reader that has seen
-//! entry `n` has seen every entry before it.
+//! removals therefore never deadlock one another. The partition row is held from the write
+//! statement to the commit, so feed sequence numbers are handed out in commit order: a reader
+//! that has seen entry `n` has seen every entry before it.
 //!
 //! [`tombstones`](StateBackend::tombstones) reads the partial index on tombstones in key order
 //! (on the primary, like everything replication decides on). Values written before migration
 //! 2 read as no tombstone until they are written again (kept, never listed: safe).
 //!
-//! [`merge`](StateBackend::merge) is the same transaction without a feed entry.
+//! [`merge`](StateBackend::merge) takes the same paths without a feed entry, dot floor or
+//! epoch condition.
 //!
 //! Batch forms: [`apply_many`](StateBackend::apply_many) and
-//! [`merge_many`](StateBackend::merge_many) run each item in its own transaction, in order, on
-//! one connection (a later item sees an earlier one; one item's failure leaves the others'
-//! outcomes alone). [`get_many`](StateBackend::get_many) is one statement;
+//! [`merge_many`](StateBackend::merge_many) split the batch into waves of contiguous items on
+//! distinct keys (at most [`PREFETCH_MAX`] items, and never more than `feed_entries_max`).
+//! A wave first reads the keys it has no cache entry for in one statement (for local writes,
+//! with the first item's writer's floor), then writes every item whose key is cached (and
+//! whose write is a write, not a no-op or an error) with **one statement** (`write_many`):
+//! it locks the items' key rows in key order where they still hold the version and envelope
+//! their writes were computed from, then their partitions' rows in partition order, keeps the
+//! items whose partition's floor epoch is still the one their floor was read at, and writes
+//! those: the partitions' next versions and feed sequence numbers in item order, the values,
+//! the feed entries, the trims and every bucket's fingerprint once. The wave's other items
+//! (absent keys, writers without a cached floor, no-ops, errors, and the items the statement
+//! left out because they lost a race) then run one by one as above, in item order, on the
+//! same connection. Each item has its own outcome; items on one key commit in batch order,
+//! while items on different keys may commit in another order than listed (those run one by
+//! one commit after the wave's statement). A connection lost while the wave's statement is
+//! in flight leaves its local writes in doubt: each is reported as such, none is repeated.
+//! [`get_many`](StateBackend::get_many) is one statement;
 //! [`delete_many`](StateBackend::delete_many) one transaction per [`DELETE_BATCH_MAX`] keys.
 //!
 //! # Failures
 //!
 //! Serialization failures and deadlocks (SQLSTATE 40001, 40P01), a lost race to create a
-//! key, and connection failures before `COMMIT` was sent are retried with jittered
-//! exponential backoff, at most [`RetryPolicy::attempts_max`] attempts. Everything else that
-//! goes wrong with the server is [`BackendError::Unavailable`]; when a connection fails while
-//! a write is being committed, the write **may or may not have taken effect** (the message
-//! says so): callers retry local writes only if the operation is safe to repeat, and rely on
-//! the change feed to find out. The same holds for an operation whose future is dropped before
-//! it completes (a caller's timeout): a write may have committed or not.
+//! key, and connection failures before anything could have committed are retried with
+//! jittered exponential backoff, at most [`RetryPolicy::attempts_max`] times (lost optimistic
+//! races are not counted there: they are retried at once, and at most
+//! [`RetryPolicy::optimistic_attempts_max`] attempts can lose one). Everything else
+//! that goes wrong with the server is [`BackendError::Unavailable`]. When a connection fails
+//! while a local write could be committing, the write **may or may not have taken effect**
+//! (the message says so) and it is not retried: callers retry local writes only if the
+//! operation is safe to repeat, and rely on the change feed to find out. For the locking
+//! transaction that window is its `COMMIT`; for an optimistic write it is the round trip of
+//! its one statement (which commits by itself), so a connection that breaks while that
+//! statement is in flight is reported this way where the locking transaction would have
+//! retried. (Resending the statement could not apply the write twice, the version condition
+//! makes a second copy write nothing, but that "nothing" could not be told apart from a race
+//! lost to another writer, so the store reports the doubt instead of guessing.) Merges are
+//! idempotent and are retried after such failures. The same doubt holds for an operation
+//! whose future is dropped before it completes (a caller's timeout): a write may have
+//! committed or not.
 //!
 //! # Replicas
 //!
@@ -139,13 +216,17 @@ pub use config::{redact_url, PostgresConfig, ReadPolicy, RetryPolicy, SslMode};
 pub use replicas::ReplicaStatus;
 
 use crate::backend::{check_origin, local_delta, page_limit};
+use crate::cache::{CacheStats, SnapshotCache};
 use crate::digest::entry_hash;
 use crate::{
     fnv1a64, BackendError, FeedEntry, FeedPage, Key, Layout, LocalWrite, PartitionDigest, Receipt,
     ScanItem, ScanPage, StateBackend, Stored, Tombstone, TombstonePage,
 };
 use replicas::Replicas;
-use retry::{at_commit, before_commit, Attempt, RetryKind, Rng};
+use retry::{
+    at_commit, autocommit_write, before_commit, outcome_unknown, unknown_outcome, Attempt,
+    RetryKind, Rng,
+};
 use sql::{query, Sql};
 
 /// The embedded migrations (`backends/migrations/postgres/`).
@@ -157,6 +238,12 @@ pub const DELETE_BATCH_MAX: usize = 1_000;
 /// Conflict records kept; older ones are dropped first.
 pub const CONFLICTS_MAX: u64 = 100_000;
 
+/// Stripes of the per-process write lock (writes to keys of one stripe queue in this process).
+const KEY_LOCK_STRIPES: usize = 1_024;
+
+/// Most keys one read of a batch's starting states asks for (larger batches take several).
+pub const PREFETCH_MAX: usize = 1_000;
+
 /// Counters of what the store did since it was opened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -166,6 +253,16 @@ pub struct PostgresStats {
     /// Attempts retried after a serialization failure, a deadlock or a lost race to create a
     /// key.
     pub conflict_retries: u64,
+    /// Optimistic writes whose compare-and-set changed nothing (another writer changed the
+    /// key, or a purge or delete changed the partition's dot floor, since the state the write
+    /// was computed from was read): retried from a fresh read or by the locking transaction.
+    pub races: u64,
+    /// Writes committed by one optimistic statement (included in `commits`).
+    pub optimistic_commits: u64,
+    /// Writes committed by the locking transaction (included in `commits`).
+    pub locking_commits: u64,
+    /// The write cache's counters and size (see [`crate::cache`]).
+    pub write_cache: CacheStats,
     /// Attempts retried on another connection after a connection failure.
     pub connection_retries: u64,
     /// Value reads served by the primary.
@@ -180,6 +277,9 @@ pub struct PostgresStats {
 struct Stats {
     commits: AtomicU64,
     conflict_retries: AtomicU64,
+    races: AtomicU64,
+    optimistic_commits: AtomicU64,
+    locking_commits: AtomicU64,
     connection_retries: AtomicU64,
     primary_reads: AtomicU64,
     replica_reads: AtomicU64,
@@ -187,7 +287,7 @@ struct Stats {
 }
 
 /// The PostgreSQL region store. See the [module documentation](self) for the schema, the
-/// transaction of a write and the replica routing.
+/// write path and the replica routing.
 ///
 /// Open it with [`PostgresBackend::connect`] inside a Tokio runtime (with replicas, it spawns
 /// the lag monitor, stopped when the backend is dropped). Share it behind an `Arc`.
@@ -205,6 +305,11 @@ struct Shared {
     retry: RetryPolicy,
     rng: Rng,
     stats: Stats,
+    /// What this process last read or wrote per key (see the module docs).
+    cache: SnapshotCache<Seen>,
+    /// Serialises this process's writes to one key (striped), so that they do not race one
+    /// another; writers in other processes are kept correct by the version condition alone.
+    key_locks: Vec<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for PostgresBackend {
@@ -342,6 +447,10 @@ impl PostgresBackend {
             retry: config.retry.clone(),
             rng: Rng::new(config.rng_seed),
             stats: Stats::default(),
+            cache: SnapshotCache::new(config.write_cache_entries, config.write_cache_bytes),
+            key_locks: (0..KEY_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         });
         shared.pin_layout().await?;
         let monitor = if shared.replicas.is_empty() {
@@ -386,6 +495,10 @@ impl PostgresBackend {
         PostgresStats {
             commits: s.commits.load(Relaxed),
             conflict_retries: s.conflict_retries.load(Relaxed),
+            races: s.races.load(Relaxed),
+            optimistic_commits: s.optimistic_commits.load(Relaxed),
+            locking_commits: s.locking_commits.load(Relaxed),
+            write_cache: self.shared.cache.stats(),
             connection_retries: s.connection_retries.load(Relaxed),
             primary_reads: s.primary_reads.load(Relaxed),
             replica_reads: s.replica_reads.load(Relaxed),
@@ -495,6 +608,11 @@ impl<'p> Slot<'p> {
         Ok(&mut **self.conn.insert(conn))
     }
 
+    /// Returns the connection to the pool (the next use acquires one again).
+    fn release(&mut self) {
+        self.conn = None;
+    }
+
     /// Drops the connection instead of returning it to the pool.
     fn discard(&mut self) {
         if let Some(mut conn) = self.conn.take() {
@@ -566,6 +684,131 @@ struct Locked {
     envelope: Vec<u8>,
     version: u64,
     entry_hash: u64,
+}
+
+/// A key's row as a write saw it: its version and digest contribution.
+#[derive(Clone, Copy, Debug)]
+struct Old {
+    version: u64,
+    entry_hash: u64,
+    /// The SHA-256 of the envelope the write was computed from (optimistic writes only).
+    envelope_hash: Option<EnvelopeHash>,
+}
+
+/// The SHA-256 of an envelope (what an optimistic write expects the stored bytes to hash to).
+type EnvelopeHash = [u8; 32];
+
+fn envelope_hash(bytes: &[u8]) -> EnvelopeHash {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+/// A partition's floor epoch and one actor's entry of its dot floor, read in one snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FloorSeen {
+    epoch: i64,
+    actor: ActorId,
+    counter: u64,
+}
+
+/// What this process last read or wrote for a key: the write cache's snapshot of one version
+/// of the key (the cache entry holds the version).
+#[derive(Debug)]
+struct Seen {
+    /// The value, decoded.
+    state: Crdt,
+    /// Its digest contribution (what a write XORs out of the bucket).
+    entry_hash: u64,
+    /// The SHA-256 of its envelope as stored.
+    envelope_hash: EnvelopeHash,
+    /// The floor of the writer of the last local write, with the epoch it was read at; `None`
+    /// when no local write read one (merges).
+    floor: Option<FloorSeen>,
+}
+
+/// What an optimistic attempt starts from.
+struct Base {
+    /// The key's version and snapshot (`None`: absent).
+    current: Option<(u64, Arc<Seen>)>,
+    /// For a local write, the writer's dot floor and the partition's epoch.
+    floor: Option<FloorSeen>,
+    /// Whether it came from the write cache (then only a write may come of it).
+    cached: bool,
+}
+
+/// What a local write computed from a [`Base`] comes to.
+enum Plan {
+    /// A write to commit.
+    Write {
+        prepared: Prepared,
+        merged: Crdt,
+        delta: Crdt,
+        feed: FeedRow,
+    },
+    /// Nothing to write (a no-op): this is the answer.
+    Answer(Receipt),
+}
+
+/// The outcome of an optimistic attempt that did not fail.
+enum Optimistic {
+    /// Committed (or a no-op confirmed on a fresh read).
+    Done(Receipt),
+    /// The compare-and-set changed nothing: another writer or a removal came first.
+    Raced,
+}
+
+/// An item of a batch.
+enum Item<'a> {
+    Apply(&'a LocalWrite),
+    Merge(&'a Key, &'a Crdt),
+}
+
+impl Item<'_> {
+    fn key(&self) -> &Key {
+        match self {
+            Item::Apply(w) => &w.key,
+            Item::Merge(key, _) => key,
+        }
+    }
+}
+
+/// A batch item's write, computed from the write cache.
+struct Planned {
+    old: Old,
+    prepared: Prepared,
+    merged: Crdt,
+    delta: Crdt,
+    feed: Option<FeedRow>,
+    floor: Option<FloorSeen>,
+}
+
+/// Why a batch's write statement wrote nothing, or may have written.
+enum WaveError {
+    /// Nothing was written (the server said so, or the statement was never sent).
+    NotWritten(Attempt),
+    /// The connection failed with the statement in flight: it may have committed.
+    Unknown(BackendError),
+}
+
+/// The retry after a lost optimistic race on `key`.
+fn raced(key: &Key) -> Attempt {
+    Attempt::Retry {
+        kind: RetryKind::Race,
+        error: format!(
+            "key {:?} or its partition's dot floor changed after it was read",
+            key.as_str()
+        ),
+    }
+}
+
+/// The receipt of a write that changed nothing on a key at `version` (0: absent).
+fn noop(partition: u16, version: u64) -> Receipt {
+    Receipt {
+        partition,
+        version,
+        seq: None,
+        delta: Crdt::empty(TypeTag::GCounter),
+    }
 }
 
 /// Decodes stored bytes; undecodable ones are [`BackendError::Corrupt`].
@@ -653,14 +896,21 @@ impl Shared {
             Err(Attempt::Fail(e)) => return Some(Err(e)),
             Err(Attempt::Retry { kind, error }) => (kind, error),
         };
-        *tries += 1;
         match kind {
             RetryKind::Conflict => self.stats.conflict_retries.fetch_add(1, Relaxed),
             RetryKind::Connection => {
                 slot.discard();
                 self.stats.connection_retries.fetch_add(1, Relaxed)
             }
+            // Lost races are bounded by `optimistic_attempts_max` (the attempts after them
+            // take the locking transaction), not counted here.
+            RetryKind::Race => {
+                self.stats.races.fetch_add(1, Relaxed);
+                tracing::debug!(operation = what, %error, "PostgreSQL: lost a race; retrying");
+                return None;
+            }
         };
+        *tries += 1;
         if *tries >= self.retry.attempts_max {
             tracing::warn!(operation = what, attempts = *tries, %error, "PostgreSQL: giving up");
             return Some(Err(BackendError::Unavailable(format!(
@@ -726,13 +976,14 @@ impl Shared {
         }))
     }
 
-    /// [`Self::lock_row`] for a local write by `actor`: also the writer's dot floor entry.
+    /// [`Self::lock_row`] for a local write by `actor`: also the writer's dot floor entry and
+    /// the partition's floor epoch (for the write cache), read by the same statement.
     async fn lock_row_for_write(
         &self,
         tx: &mut PgConnection,
         key: &Key,
         actor: ActorId,
-    ) -> Result<(Option<Locked>, u64), Attempt> {
+    ) -> Result<(Option<Locked>, u64, Option<i64>), Attempt> {
         let row = query(&self.sql.lock_value_for_write)
             .bind(key.as_str())
             .bind(i32::from(self.layout.partition_of(key)))
@@ -741,13 +992,14 @@ impl Shared {
             .await
             .map_err(before_commit)?;
         let Some(row) = row else {
-            return Ok((None, 0));
+            return Ok((None, 0, None));
         };
         let counter: Option<String> = row.try_get(3).map_err(before_commit)?;
         let floor = match counter {
             Some(c) => floor_counter(&c)?,
             None => 0,
         };
+        let epoch: Option<i64> = row.try_get(4).map_err(before_commit)?;
         Ok((
             Some(Locked {
                 envelope: row.try_get(0).map_err(before_commit)?,
@@ -755,12 +1007,19 @@ impl Shared {
                 entry_hash: row.try_get::<i64, _>(2).map_err(before_commit)? as u64,
             }),
             floor,
+            epoch,
         ))
     }
 
     /// Joins `delta` into `state` (the current value or the empty one) and prepares the result,
-    /// enforcing the size limit on the delta and, exactly, on the join.
-    fn prepare(&self, key: &Key, state: &Crdt, delta: &Crdt) -> Result<Prepared, BackendError> {
+    /// enforcing the size limit on the delta and, exactly, on the join. Returns the joined
+    /// value too (for the write cache).
+    fn prepare(
+        &self,
+        key: &Key,
+        state: &Crdt,
+        delta: &Crdt,
+    ) -> Result<(Prepared, Crdt), BackendError> {
         let limit = self.layout.value_bytes_max();
         let too_large = |size| BackendError::ValueTooLarge {
             key: key.to_string(),
@@ -778,38 +1037,55 @@ impl Shared {
             return Err(too_large(payload.len()));
         }
         let value_hash = fnv1a64(&payload);
-        Ok(Prepared {
+        let prepared = Prepared {
             envelope: envelope::encode(&merged, &envelope::Options::default())?,
             value_hash,
             entry_hash: entry_hash(key, value_hash),
             tombstone: merged.is_bottom(),
-        })
+        };
+        Ok((prepared, merged))
     }
 
-    /// The statement of step 3 (see the module docs): returns `(version, last_seq)`.
-    /// `floor_epoch`: for a local write to an absent key, the partition's floor epoch read
-    /// with the dot floor; the write then takes place only if no purge or delete in the
-    /// partition has committed since (otherwise the attempt is retried).
+    /// The write statement (step 3 of the locking transaction, or the one statement of an
+    /// optimistic write): returns `(version, last_seq)`, or `None` if its condition left
+    /// everything unchanged.
+    ///
+    /// `old`: the key's row as the write saw it (`None`: absent, the value is inserted).
+    /// `optimistic`: the statement runs on its own (autocommit) and updates an existing row
+    /// only if it still holds `old`'s version (`write_cas`); otherwise the row is locked by
+    /// the caller's transaction (`write_existing`). `floor_epoch`: the partition's floor
+    /// epoch read with the writer's dot floor; the write then takes place only if no purge or
+    /// delete in the partition has committed since.
+    #[allow(clippy::too_many_arguments)]
     async fn store(
         &self,
-        tx: &mut PgConnection,
+        conn: &mut PgConnection,
         key: &Key,
-        old_entry_hash: Option<u64>,
+        old: Option<Old>,
+        optimistic: bool,
         value: Prepared,
         feed: Option<FeedRow>,
         floor_epoch: Option<i64>,
-    ) -> Result<(u64, u64), Attempt> {
-        let statement = match old_entry_hash {
-            Some(_) => &self.sql.write_existing,
-            None => &self.sql.write_new,
+    ) -> Result<Option<(u64, u64)>, Attempt> {
+        let statement = match (old, optimistic) {
+            (None, _) => &self.sql.write_new,
+            (Some(_), false) => &self.sql.write_existing,
+            (Some(_), true) => &self.sql.write_cas,
         };
-        let xor = old_entry_hash.unwrap_or(0) ^ value.entry_hash;
+        // A local write's single statement may have committed when its connection fails; a
+        // merge is idempotent, and a transaction's statement commits nothing by itself.
+        let classify = if optimistic && feed.is_some() {
+            autocommit_write
+        } else {
+            before_commit
+        };
+        let xor = old.map_or(0, |o| o.entry_hash) ^ value.entry_hash;
         let keep = i64::try_from(self.layout.feed_entries_max()).unwrap_or(i64::MAX);
         let (fed, delta, origin, hlc) = match feed {
             Some(f) => (1i64, Some(f.delta), f.origin.get(), f.hlc),
             None => (0i64, None, 0, Hlc::ZERO),
         };
-        let row = query(statement)
+        let mut q = query(statement)
             .bind(i32::from(self.layout.partition_of(key)))
             .bind(key.as_str())
             .bind(i32::from(self.layout.bucket_of(key)))
@@ -824,35 +1100,74 @@ impl Shared {
             .bind(i64::from(hlc.logical()))
             .bind(xor as i64)
             .bind(floor_epoch)
-            .bind(value.tombstone)
-            .fetch_optional(tx)
-            .await
-            .map_err(before_commit)?;
+            .bind(value.tombstone);
+        if let (Some(o), true) = (old, optimistic) {
+            // Without a hash (never the case) the condition is NULL: nothing is written.
+            q = q
+                .bind(signed(o.version, "version")?)
+                .bind(o.envelope_hash.map(|h| h.to_vec()));
+        }
+        let row = q.fetch_optional(conn).await.map_err(classify)?;
         let Some(row) = row else {
-            if floor_epoch.is_some() {
-                // The partition row exists (the epoch was read from it): its epoch moved.
-                return Err(Attempt::Retry {
-                    kind: RetryKind::Conflict,
-                    error: "a purge or delete raised the partition's dot floor meanwhile".into(),
-                });
-            }
-            return Err(Attempt::Fail(BackendError::Unavailable(format!(
-                "partition row missing in schema {}: was it initialised with this layout?",
-                self.schema
-            ))));
+            return Ok(None);
         };
         let version: i64 = row.try_get(0).map_err(before_commit)?;
         let last_seq: i64 = row.try_get(1).map_err(before_commit)?;
-        Ok((unsigned(version), unsigned(last_seq)))
+        Ok(Some((unsigned(version), unsigned(last_seq))))
     }
+
+    /// [`Self::store`] in the locking transaction, where changing nothing means the
+    /// partition's floor epoch moved (a retry) or its row is missing.
+    #[allow(clippy::too_many_arguments)]
+    async fn store_locked(
+        &self,
+        tx: &mut PgConnection,
+        key: &Key,
+        old: Option<Old>,
+        value: Prepared,
+        feed: Option<FeedRow>,
+        floor_epoch: Option<i64>,
+    ) -> Result<(u64, u64), Attempt> {
+        match self
+            .store(tx, key, old, false, value, feed, floor_epoch)
+            .await?
+        {
+            Some(done) => Ok(done),
+            // The partition row exists (the epoch was read from it): its epoch moved.
+            None if floor_epoch.is_some() => Err(Attempt::Retry {
+                kind: RetryKind::Conflict,
+                error: "a purge or delete raised the partition's dot floor meanwhile".into(),
+            }),
+            None => Err(Attempt::Fail(BackendError::Unavailable(format!(
+                "partition row missing in schema {}: was it initialised with this layout?",
+                self.schema
+            )))),
+        }
+    }
+
+    /// Caches what a committed write left under `key`.
+    fn remember(&self, key: &Key, version: u64, seen: Seen, envelope_len: usize) {
+        self.cache.insert(
+            key.as_str(),
+            version,
+            Arc::new(seen),
+            envelope_len.saturating_mul(2),
+        );
+    }
+
+    // --- The locking transaction -------------------------------------------------------------
 
     async fn try_apply(&self, slot: &mut Slot<'_>, w: &LocalWrite) -> Result<Receipt, Attempt> {
         let conn = slot.get().await?;
         let mut tx = conn.begin().await.map_err(before_commit)?;
         let outcome = self.apply_in(&mut tx, w).await;
-        let receipt = finish(tx, outcome).await?;
+        let (receipt, seen) = finish(tx, outcome).await?;
         if receipt.seq.is_some() {
             self.stats.commits.fetch_add(1, Relaxed);
+            self.stats.locking_commits.fetch_add(1, Relaxed);
+        }
+        if let Some((version, seen, len)) = seen {
+            self.remember(&w.key, version, seen, len);
         }
         Ok(receipt)
     }
@@ -861,10 +1176,10 @@ impl Shared {
         &self,
         tx: &mut PgConnection,
         w: &LocalWrite,
-    ) -> Result<Step<Receipt>, Attempt> {
+    ) -> Result<Step<(Receipt, Option<(u64, Seen, usize)>)>, Attempt> {
         let key = &w.key;
         let partition = self.layout.partition_of(key);
-        let (locked, mut floor) = self.lock_row_for_write(tx, key, w.actor).await?;
+        let (locked, mut floor, mut epoch_read) = self.lock_row_for_write(tx, key, w.actor).await?;
         let current = match &locked {
             Some(row) => Some((decode_value(key, &row.envelope)?, row.version)),
             None => None,
@@ -877,60 +1192,69 @@ impl Shared {
             (None, Some(tag)) => {
                 let (epoch, absent_floor) = self.absent_floor(tx, partition, w.actor).await?;
                 floor_epoch = Some(epoch);
+                epoch_read = Some(epoch);
                 floor = absent_floor.get(w.actor);
                 empty = Crdt::empty(tag);
                 &empty
             }
             // A deletion of a key that holds nothing changes nothing.
-            (None, None) => {
-                return Ok(Step::Rollback(Receipt {
-                    partition,
-                    version: 0,
-                    seq: None,
-                    delta: Crdt::empty(TypeTag::GCounter),
-                }))
-            }
+            (None, None) => return Ok(Step::Rollback((noop(partition, 0), None))),
         };
         let delta = local_delta(state, w, floor).map_err(BackendError::from)?;
         if delta.context().is_empty() {
-            return Ok(Step::Rollback(Receipt {
-                partition,
-                version: current.map_or(0, |(_, v)| v),
-                seq: None,
-                delta,
-            }));
+            let version = current.map_or(0, |(_, v)| v);
+            return Ok(Step::Rollback((
+                Receipt {
+                    partition,
+                    version,
+                    seq: None,
+                    delta,
+                },
+                None,
+            )));
         }
-        let prepared = self.prepare(key, state, &delta)?;
+        let (prepared, merged) = self.prepare(key, state, &delta)?;
         let feed = FeedRow {
             delta: envelope::encode(&delta, &envelope::Options::default())
                 .map_err(BackendError::from)?,
             origin: w.actor,
             hlc: w.hlc,
         };
-        let old = locked.map(|row| row.entry_hash);
+        let old = locked.map(|row| Old {
+            version: row.version,
+            entry_hash: row.entry_hash,
+            envelope_hash: None,
+        });
+        let (len, new_hash, new_sha) = (
+            prepared.envelope.len(),
+            prepared.entry_hash,
+            envelope_hash(&prepared.envelope),
+        );
         let (version, seq) = self
-            .store(tx, key, old, prepared, Some(feed), floor_epoch)
+            .store_locked(tx, key, old, prepared, Some(feed), floor_epoch)
             .await?;
-        Ok(Step::Commit(Receipt {
-            partition,
-            version,
-            seq: Some(seq),
-            delta,
-        }))
-    }
-
-    async fn apply_one(
-        &self,
-        slot: &mut Slot<'_>,
-        w: &LocalWrite,
-    ) -> Result<Receipt, BackendError> {
-        let mut tries = 0;
-        loop {
-            let r = self.try_apply(slot, w).await;
-            if let Some(done) = self.settle(r, slot, &mut tries, "apply").await {
-                return done;
-            }
-        }
+        let seen = epoch_read.map(|epoch| {
+            let seen = Seen {
+                state: merged,
+                entry_hash: new_hash,
+                envelope_hash: new_sha,
+                floor: Some(FloorSeen {
+                    epoch,
+                    actor: w.actor,
+                    counter: floor,
+                }),
+            };
+            (version, seen, len)
+        });
+        Ok(Step::Commit((
+            Receipt {
+                partition,
+                version,
+                seq: Some(seq),
+                delta,
+            },
+            seen,
+        )))
     }
 
     async fn try_merge(
@@ -942,8 +1266,10 @@ impl Shared {
         let conn = slot.get().await?;
         let mut tx = conn.begin().await.map_err(before_commit)?;
         let outcome = self.merge_in(&mut tx, key, delta).await;
-        let receipt = finish(tx, outcome).await?;
+        let (receipt, (version, seen, len)) = finish(tx, outcome).await?;
         self.stats.commits.fetch_add(1, Relaxed);
+        self.stats.locking_commits.fetch_add(1, Relaxed);
+        self.remember(key, version, seen, len);
         Ok(receipt)
     }
 
@@ -952,23 +1278,393 @@ impl Shared {
         tx: &mut PgConnection,
         key: &Key,
         delta: &Crdt,
-    ) -> Result<Step<Receipt>, Attempt> {
+    ) -> Result<Step<(Receipt, (u64, Seen, usize))>, Attempt> {
         let locked = self.lock_row(tx, key).await?;
         let current = match &locked {
             Some(row) => decode_value(key, &row.envelope)?,
             None => Crdt::empty(delta.type_tag()),
         };
-        let prepared = self.prepare(key, &current, delta)?;
-        let old = locked.map(|row| row.entry_hash);
-        let (version, _) = self.store(tx, key, old, prepared, None, None).await?;
-        Ok(Step::Commit(Receipt {
-            partition: self.layout.partition_of(key),
-            version,
-            seq: None,
-            delta: delta.clone(),
-        }))
+        let (prepared, merged) = self.prepare(key, &current, delta)?;
+        let old = locked.map(|row| Old {
+            version: row.version,
+            entry_hash: row.entry_hash,
+            envelope_hash: None,
+        });
+        let (len, new_hash, new_sha) = (
+            prepared.envelope.len(),
+            prepared.entry_hash,
+            envelope_hash(&prepared.envelope),
+        );
+        let (version, _) = self
+            .store_locked(tx, key, old, prepared, None, None)
+            .await?;
+        let seen = Seen {
+            state: merged,
+            entry_hash: new_hash,
+            envelope_hash: new_sha,
+            floor: None,
+        };
+        Ok(Step::Commit((
+            Receipt {
+                partition: self.layout.partition_of(key),
+                version,
+                seq: None,
+                delta: delta.clone(),
+            },
+            (version, seen, len),
+        )))
     }
 
+    // --- The optimistic path -----------------------------------------------------------------
+
+    /// What an optimistic write to `key` starts from, read afresh (no transaction, no lock):
+    /// the key's row if any, decoded, and, for a local write by `actor`, the writer's dot
+    /// floor with the partition's floor epoch, all in one snapshot.
+    async fn read_for_write(
+        &self,
+        slot: &mut Slot<'_>,
+        key: &Key,
+        actor: Option<ActorId>,
+    ) -> Result<Base, Attempt> {
+        let conn = slot.get().await?;
+        let row = query(&self.sql.read_for_write)
+            .bind(key.as_str())
+            .bind(i32::from(self.layout.partition_of(key)))
+            .bind(actor.map(|a| a.get() as i64))
+            .fetch_optional(conn)
+            .await
+            .map_err(before_commit)?;
+        let Some(row) = row else {
+            return Err(Attempt::Fail(BackendError::Unavailable(format!(
+                "partition row {} missing in schema {}",
+                self.layout.partition_of(key),
+                self.schema
+            ))));
+        };
+        let epoch: i64 = row.try_get(0).map_err(before_commit)?;
+        let counter: Option<String> = row.try_get(1).map_err(before_commit)?;
+        let counter = match counter {
+            Some(c) => floor_counter(&c)?,
+            None => 0,
+        };
+        let floor = actor.map(|actor| FloorSeen {
+            epoch,
+            actor,
+            counter,
+        });
+        let envelope: Option<Vec<u8>> = row.try_get(2).map_err(before_commit)?;
+        let current = match envelope {
+            None => None,
+            Some(bytes) => {
+                let version: i64 = row.try_get(3).map_err(before_commit)?;
+                let hash: i64 = row.try_get(4).map_err(before_commit)?;
+                let state =
+                    decode_value(key, &bytes).inspect_err(|_| self.cache.remove(key.as_str()))?;
+                let seen = Seen {
+                    state,
+                    entry_hash: hash as u64,
+                    envelope_hash: envelope_hash(&bytes),
+                    floor,
+                };
+                Some((unsigned(version), Arc::new(seen)))
+            }
+        };
+        Ok(Base {
+            current,
+            floor,
+            cached: false,
+        })
+    }
+
+    /// The starting point of an optimistic local write: the cached entry if there is one
+    /// (with this writer's floor), else a fresh read.
+    async fn base_for_write(
+        &self,
+        slot: &mut Slot<'_>,
+        w: &LocalWrite,
+        use_cache: bool,
+    ) -> Result<Base, Attempt> {
+        if use_cache {
+            if let Some((version, seen)) = self.cache.get(w.key.as_str()) {
+                if let Some(floor) = seen.floor.filter(|f| f.actor == w.actor) {
+                    return Ok(Base {
+                        current: Some((version, seen)),
+                        floor: Some(floor),
+                        cached: true,
+                    });
+                }
+            }
+        }
+        self.read_for_write(slot, &w.key, Some(w.actor)).await
+    }
+
+    /// One optimistic attempt of a local write: compute the delta from the cached or freshly
+    /// read state, then one autocommit statement that writes only if the key still holds that
+    /// version (or is still absent) and the partition's floor epoch is unchanged. Anything but
+    /// a write computed from a cached state (a no-op, an error, a failed condition) is
+    /// confirmed on a fresh read before it is answered.
+    async fn try_apply_optimistic(
+        &self,
+        slot: &mut Slot<'_>,
+        w: &LocalWrite,
+        mut use_cache: bool,
+    ) -> Result<Optimistic, Attempt> {
+        let key = &w.key;
+        let partition = self.layout.partition_of(key);
+        loop {
+            let base = self.base_for_write(slot, w, use_cache).await?;
+            use_cache = false;
+            let Some(floor) = base.floor else {
+                return Err(Attempt::Fail(BackendError::Unavailable(
+                    "internal: a local write's floor was not read".into(),
+                )));
+            };
+            let planned = self.plan_local(w, partition, &base, floor);
+            let (prepared, merged, delta, feed) = match planned {
+                Ok(Plan::Write {
+                    prepared,
+                    merged,
+                    delta,
+                    feed,
+                }) => (prepared, merged, delta, feed),
+                answer if base.cached => {
+                    // Computed from what this process saw earlier: confirm on a fresh read.
+                    drop(answer);
+                    self.cache.remove(key.as_str());
+                    continue;
+                }
+                Ok(Plan::Answer(receipt)) => return Ok(Optimistic::Done(receipt)),
+                Err(e) => return Err(Attempt::Fail(e)),
+            };
+            let old = base.current.as_ref().map(|(version, seen)| Old {
+                version: *version,
+                entry_hash: seen.entry_hash,
+                envelope_hash: Some(seen.envelope_hash),
+            });
+            let (len, new_hash, new_sha) = (
+                prepared.envelope.len(),
+                prepared.entry_hash,
+                envelope_hash(&prepared.envelope),
+            );
+            let conn = slot.get().await?;
+            let stored = self
+                .store(
+                    conn,
+                    key,
+                    old,
+                    true,
+                    prepared,
+                    Some(feed),
+                    Some(floor.epoch),
+                )
+                .await;
+            return match stored {
+                Ok(Some((version, seq))) => {
+                    self.stats.commits.fetch_add(1, Relaxed);
+                    self.stats.optimistic_commits.fetch_add(1, Relaxed);
+                    let seen = Seen {
+                        state: merged,
+                        entry_hash: new_hash,
+                        envelope_hash: new_sha,
+                        floor: Some(floor),
+                    };
+                    self.remember(key, version, seen, len);
+                    Ok(Optimistic::Done(Receipt {
+                        partition,
+                        version,
+                        seq: Some(seq),
+                        delta,
+                    }))
+                }
+                Ok(None) => {
+                    self.cache.remove(key.as_str());
+                    Ok(Optimistic::Raced)
+                }
+                Err(e) => {
+                    self.cache.remove(key.as_str());
+                    Err(e)
+                }
+            };
+        }
+    }
+
+    /// One optimistic attempt of a merge (see [`Self::try_apply_optimistic`]); merges need no
+    /// dot floor, and a merge applied twice is the merge applied once, so a connection that
+    /// fails under it is retried.
+    async fn try_merge_optimistic(
+        &self,
+        slot: &mut Slot<'_>,
+        key: &Key,
+        delta: &Crdt,
+        mut use_cache: bool,
+    ) -> Result<Optimistic, Attempt> {
+        loop {
+            let cached = if use_cache {
+                self.cache.get(key.as_str())
+            } else {
+                None
+            };
+            let base = match cached {
+                Some((version, seen)) => Base {
+                    floor: seen.floor,
+                    current: Some((version, seen)),
+                    cached: true,
+                },
+                None => self.read_for_write(slot, key, None).await?,
+            };
+            use_cache = false;
+            let empty;
+            let state = match &base.current {
+                Some((_, seen)) => &seen.state,
+                None => {
+                    empty = Crdt::empty(delta.type_tag());
+                    &empty
+                }
+            };
+            let (prepared, merged) = match self.prepare(key, state, delta) {
+                Ok(done) => done,
+                Err(_) if base.cached => {
+                    // Computed from what this process saw earlier: confirm on a fresh read.
+                    self.cache.remove(key.as_str());
+                    continue;
+                }
+                Err(e) => return Err(Attempt::Fail(e)),
+            };
+            let old = base.current.as_ref().map(|(version, seen)| Old {
+                version: *version,
+                entry_hash: seen.entry_hash,
+                envelope_hash: Some(seen.envelope_hash),
+            });
+            let (len, new_hash, new_sha) = (
+                prepared.envelope.len(),
+                prepared.entry_hash,
+                envelope_hash(&prepared.envelope),
+            );
+            let conn = slot.get().await?;
+            return match self.store(conn, key, old, true, prepared, None, None).await {
+                Ok(Some((version, _))) => {
+                    self.stats.commits.fetch_add(1, Relaxed);
+                    self.stats.optimistic_commits.fetch_add(1, Relaxed);
+                    let seen = Seen {
+                        state: merged,
+                        entry_hash: new_hash,
+                        envelope_hash: new_sha,
+                        // Still paired with the epoch it was read at, which a local write
+                        // checks.
+                        floor: base.floor,
+                    };
+                    self.remember(key, version, seen, len);
+                    Ok(Optimistic::Done(Receipt {
+                        partition: self.layout.partition_of(key),
+                        version,
+                        seq: None,
+                        delta: delta.clone(),
+                    }))
+                }
+                Ok(None) => {
+                    self.cache.remove(key.as_str());
+                    Ok(Optimistic::Raced)
+                }
+                Err(e) => {
+                    self.cache.remove(key.as_str());
+                    Err(e)
+                }
+            };
+        }
+    }
+
+    /// The result of a local write computed from `base` (see [`Plan`]).
+    fn plan_local(
+        &self,
+        w: &LocalWrite,
+        partition: u16,
+        base: &Base,
+        floor: FloorSeen,
+    ) -> Result<Plan, BackendError> {
+        let key = &w.key;
+        let current = base.current.as_ref().map(|(v, seen)| (*v, &seen.state));
+        w.expect.check(key, current.map(|(v, _)| v))?;
+        let empty;
+        let state = match (current, w.op.type_tag()) {
+            (Some((_, value)), _) => value,
+            (None, Some(tag)) => {
+                empty = Crdt::empty(tag);
+                &empty
+            }
+            // A deletion of a key that holds nothing changes nothing.
+            (None, None) => return Ok(Plan::Answer(noop(partition, 0))),
+        };
+        let delta = local_delta(state, w, floor.counter)?;
+        if delta.context().is_empty() {
+            return Ok(Plan::Answer(Receipt {
+                partition,
+                version: current.map_or(0, |(v, _)| v),
+                seq: None,
+                delta,
+            }));
+        }
+        let (prepared, merged) = self.prepare(key, state, &delta)?;
+        let feed = FeedRow {
+            delta: envelope::encode(&delta, &envelope::Options::default())?,
+            origin: w.actor,
+            hlc: w.hlc,
+        };
+        Ok(Plan::Write {
+            prepared,
+            merged,
+            delta,
+            feed,
+        })
+    }
+
+    /// Locks the write stripe of `key` in this process. A task never waits for a stripe while
+    /// holding a connection (it gives the slot's back to the pool first), so stripe holders
+    /// waiting for a connection and connection holders waiting for a stripe cannot block
+    /// one another for good.
+    async fn key_lock(&self, key: &Key, slot: &mut Slot<'_>) -> tokio::sync::MutexGuard<'_, ()> {
+        let stripe = (fnv1a64(key.as_str().as_bytes()).rotate_left(17) as usize)
+            % self.key_locks.len().max(1);
+        let lock = &self.key_locks[stripe];
+        match lock.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => {
+                slot.release();
+                lock.lock().await
+            }
+        }
+    }
+
+    /// A local write, to the end: optimistic attempts first (at most
+    /// [`RetryPolicy::optimistic_attempts_max`]), then the locking transaction.
+    async fn apply_one(
+        &self,
+        slot: &mut Slot<'_>,
+        w: &LocalWrite,
+    ) -> Result<Receipt, BackendError> {
+        let _stripe = self.key_lock(&w.key, slot).await;
+        let mut tries = 0;
+        let mut optimistic = 0;
+        loop {
+            let r = if optimistic < self.retry.optimistic_attempts_max {
+                optimistic += 1;
+                match self.try_apply_optimistic(slot, w, optimistic == 1).await {
+                    Ok(Optimistic::Done(receipt)) => Ok(receipt),
+                    Ok(Optimistic::Raced) => Err(raced(&w.key)),
+                    Err(e) => Err(e),
+                }
+            } else {
+                self.try_apply(slot, w).await
+            };
+            if r.is_err() {
+                self.cache.remove(w.key.as_str());
+            }
+            if let Some(done) = self.settle(r, slot, &mut tries, "apply").await {
+                return done;
+            }
+        }
+    }
+
+    /// A merge, to the end: as [`Self::apply_one`].
     async fn merge_one(
         &self,
         slot: &mut Slot<'_>,
@@ -980,13 +1676,103 @@ impl Shared {
                 "delta violates its invariants".into(),
             )));
         }
+        let _stripe = self.key_lock(key, slot).await;
         let mut tries = 0;
+        let mut optimistic = 0;
         loop {
-            let r = self.try_merge(slot, key, delta).await;
+            let r = if optimistic < self.retry.optimistic_attempts_max {
+                optimistic += 1;
+                match self
+                    .try_merge_optimistic(slot, key, delta, optimistic == 1)
+                    .await
+                {
+                    Ok(Optimistic::Done(receipt)) => Ok(receipt),
+                    Ok(Optimistic::Raced) => Err(raced(key)),
+                    Err(e) => Err(e),
+                }
+            } else {
+                self.try_merge(slot, key, delta).await
+            };
+            if r.is_err() {
+                self.cache.remove(key.as_str());
+            }
             if let Some(done) = self.settle(r, slot, &mut tries, "merge").await {
                 return done;
             }
         }
+    }
+
+    /// Reads into the write cache, in one statement per [`PREFETCH_MAX`] keys, the keys of
+    /// `keys` that are not cached, with `actor`'s dot floor (`None`: for merges): what a
+    /// batch's writes then start from. Keys that do not exist or do not decode are left out
+    /// (their writes read them on their own). Best effort: a failure only costs those reads.
+    async fn prefetch(&self, slot: &mut Slot<'_>, keys: &[&Key], actor: Option<ActorId>) {
+        let mut wanted: Vec<String> = keys
+            .iter()
+            .filter(|k| !self.cache.contains(k.as_str()))
+            .map(|k| k.as_str().to_string())
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        for chunk in wanted.chunks(PREFETCH_MAX) {
+            if let Err(e) = self.try_prefetch(slot, chunk, actor).await {
+                if let Attempt::Retry {
+                    kind: RetryKind::Connection,
+                    ..
+                } = e
+                {
+                    slot.discard();
+                }
+                return;
+            }
+        }
+    }
+
+    async fn try_prefetch(
+        &self,
+        slot: &mut Slot<'_>,
+        keys: &[String],
+        actor: Option<ActorId>,
+    ) -> Result<(), Attempt> {
+        let conn = slot.get().await?;
+        let rows = query(&self.sql.read_many_for_write)
+            .bind(keys)
+            .bind(actor.map(|a| a.get() as i64))
+            .fetch_all(conn)
+            .await
+            .map_err(before_commit)?;
+        for row in &rows {
+            let name: String = row.try_get(0).map_err(before_commit)?;
+            let bytes: Vec<u8> = row.try_get(1).map_err(before_commit)?;
+            let version: i64 = row.try_get(2).map_err(before_commit)?;
+            let hash: i64 = row.try_get(3).map_err(before_commit)?;
+            let epoch: i64 = row.try_get(4).map_err(before_commit)?;
+            let counter: Option<String> = row.try_get(5).map_err(before_commit)?;
+            let counter = match counter {
+                Some(c) => floor_counter(&c)?,
+                None => 0,
+            };
+            let Ok(state) = envelope::decode(&bytes, &envelope::Limits::default()) else {
+                continue;
+            };
+            let seen = Seen {
+                state,
+                entry_hash: hash as u64,
+                envelope_hash: envelope_hash(&bytes),
+                floor: actor.map(|actor| FloorSeen {
+                    epoch,
+                    actor,
+                    counter,
+                }),
+            };
+            self.cache.insert(
+                &name,
+                unsigned(version),
+                Arc::new(seen),
+                bytes.len().saturating_mul(2),
+            );
+        }
+        Ok(())
     }
 
     /// The floor epoch of `partition` and `actor`'s entry of its dot floor, in one snapshot.
@@ -1042,6 +1828,326 @@ impl Shared {
             .await
             .map_err(before_commit)?;
         Ok(())
+    }
+
+    // --- Batches -----------------------------------------------------------------------------
+
+    /// Runs a batch of writes: waves of contiguous items on distinct keys; in each, the items
+    /// whose keys are cached are written by one `write_many` statement, and the others (and
+    /// those that lost a race) one by one with [`Self::apply_one`] / [`Self::merge_one`].
+    async fn run_batch(&self, items: &[Item<'_>]) -> Vec<Result<Receipt, BackendError>> {
+        let mut slot = Slot::new(&self.primary);
+        let n = items.len();
+        let mut out: Vec<Option<Result<Receipt, BackendError>>> = (0..n).map(|_| None).collect();
+        let wave_max = PREFETCH_MAX.min(self.layout.feed_entries_max()).max(1);
+        let mut start = 0;
+        while start < n {
+            let mut seen: HashSet<&str> = HashSet::new();
+            let mut end = start;
+            while end < n && end - start < wave_max && seen.insert(items[end].key().as_str()) {
+                end += 1;
+            }
+            self.run_wave(&mut slot, &items[start..end], &mut out[start..end])
+                .await;
+            start = end;
+        }
+        out.into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(BackendError::Unavailable(
+                        "internal: a batch item got no outcome".into(),
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    async fn run_wave(
+        &self,
+        slot: &mut Slot<'_>,
+        items: &[Item<'_>],
+        out: &mut [Option<Result<Receipt, BackendError>>],
+    ) {
+        // What the wave starts from: the cache, filled by one read for the keys it lacks.
+        let actor = items.iter().find_map(|item| match item {
+            Item::Apply(w) => Some(w.actor),
+            Item::Merge(..) => None,
+        });
+        let keys: Vec<&Key> = items
+            .iter()
+            .filter(|item| match (item, actor) {
+                (Item::Apply(w), Some(a)) => w.actor == a,
+                (Item::Merge(..), _) => actor.is_none(),
+                _ => false,
+            })
+            .map(Item::key)
+            .collect();
+        if keys.len() > 1 {
+            self.prefetch(slot, &keys, actor).await;
+        }
+        let mut planned: Vec<(usize, Planned)> = Vec::new();
+        let mut single: Vec<usize> = Vec::new();
+        for (j, item) in items.iter().enumerate() {
+            match self.plan_cached(item) {
+                Some(p) => planned.push((j, p)),
+                None => single.push(j),
+            }
+        }
+        if planned.len() > 1 {
+            self.write_planned(slot, items, planned, out, &mut single)
+                .await;
+        } else {
+            single.extend(planned.into_iter().map(|(j, _)| j));
+        }
+        single.sort_unstable();
+        for j in single {
+            out[j] = Some(match &items[j] {
+                Item::Apply(w) => self.apply_one(slot, w).await,
+                Item::Merge(key, delta) => self.merge_one(slot, key, delta).await,
+            });
+        }
+    }
+
+    /// An item's write computed from the write cache, if its key is cached (for a local
+    /// write, with this writer's floor) and the result is a write (anything else is left to
+    /// the single path, which confirms it on a fresh read).
+    fn plan_cached(&self, item: &Item<'_>) -> Option<Planned> {
+        let key = item.key();
+        let (version, seen) = self.cache.get(key.as_str())?;
+        let old = Old {
+            version,
+            entry_hash: seen.entry_hash,
+            envelope_hash: Some(seen.envelope_hash),
+        };
+        match item {
+            Item::Apply(w) => {
+                let floor = seen.floor.filter(|f| f.actor == w.actor)?;
+                let partition = self.layout.partition_of(key);
+                let base = Base {
+                    current: Some((version, seen)),
+                    floor: Some(floor),
+                    cached: true,
+                };
+                match self.plan_local(w, partition, &base, floor).ok()? {
+                    Plan::Write {
+                        prepared,
+                        merged,
+                        delta,
+                        feed,
+                    } => Some(Planned {
+                        old,
+                        prepared,
+                        merged,
+                        delta,
+                        feed: Some(feed),
+                        floor: Some(floor),
+                    }),
+                    Plan::Answer(_) => None,
+                }
+            }
+            Item::Merge(_, delta) => {
+                if !delta.is_well_formed() {
+                    return None;
+                }
+                let (prepared, merged) = self.prepare(key, &seen.state, delta).ok()?;
+                Some(Planned {
+                    old,
+                    prepared,
+                    merged,
+                    delta: (*delta).clone(),
+                    feed: None,
+                    floor: seen.floor,
+                })
+            }
+        }
+    }
+
+    /// Writes the planned items of a wave with one `write_many` statement; records the
+    /// outcomes of those written, and adds the others to `single` (or fails them, if the
+    /// statement's outcome is unknown).
+    async fn write_planned(
+        &self,
+        slot: &mut Slot<'_>,
+        items: &[Item<'_>],
+        planned: Vec<(usize, Planned)>,
+        out: &mut [Option<Result<Receipt, BackendError>>],
+        single: &mut Vec<usize>,
+    ) {
+        let written = match self.try_write_many(slot, items, &planned).await {
+            Ok(written) => written,
+            Err(WaveError::Unknown(e)) => {
+                // The connection was lost with the statement in flight: it may have committed.
+                // Local writes are not repeated; merges are safe to do again.
+                let message = e.to_string();
+                for (j, p) in planned {
+                    self.cache.remove(items[j].key().as_str());
+                    if p.feed.is_some() {
+                        out[j] = Some(Err(BackendError::Unavailable(message.clone())));
+                    } else {
+                        single.push(j);
+                    }
+                }
+                return;
+            }
+            Err(WaveError::NotWritten(e)) => {
+                // Nothing was written: every item goes the single way.
+                if let Attempt::Retry {
+                    kind: RetryKind::Connection,
+                    ..
+                } = e
+                {
+                    slot.discard();
+                }
+                for (j, _) in planned {
+                    self.cache.remove(items[j].key().as_str());
+                    single.push(j);
+                }
+                return;
+            }
+        };
+        let mut raced = 0;
+        for (k, (j, p)) in planned.into_iter().enumerate() {
+            let key = items[j].key();
+            let Some(&(version, seq)) = written.get(&(k as i64 + 1)) else {
+                raced += 1;
+                self.cache.remove(key.as_str());
+                single.push(j);
+                continue;
+            };
+            let (len, new_hash, new_sha) = (
+                p.prepared.envelope.len(),
+                p.prepared.entry_hash,
+                envelope_hash(&p.prepared.envelope),
+            );
+            let seen = Seen {
+                state: p.merged,
+                entry_hash: new_hash,
+                envelope_hash: new_sha,
+                floor: p.floor,
+            };
+            self.remember(key, version, seen, len);
+            out[j] = Some(Ok(Receipt {
+                partition: self.layout.partition_of(key),
+                version,
+                seq: if p.feed.is_some() { seq } else { None },
+                delta: p.delta,
+            }));
+        }
+        let committed = written.len() as u64;
+        self.stats.commits.fetch_add(committed, Relaxed);
+        self.stats.optimistic_commits.fetch_add(committed, Relaxed);
+        self.stats.races.fetch_add(raced, Relaxed);
+    }
+
+    /// The `write_many` statement: returns, by item number (1-based, in `planned`'s order),
+    /// the version and sequence number of each item written.
+    async fn try_write_many(
+        &self,
+        slot: &mut Slot<'_>,
+        items: &[Item<'_>],
+        planned: &[(usize, Planned)],
+    ) -> Result<HashMap<i64, (u64, Option<u64>)>, WaveError> {
+        let m = planned.len();
+        let mut partitions = Vec::with_capacity(m);
+        let mut keys = Vec::with_capacity(m);
+        let mut buckets = Vec::with_capacity(m);
+        let mut envelopes = Vec::with_capacity(m);
+        let mut value_hashes = Vec::with_capacity(m);
+        let mut entry_hashes = Vec::with_capacity(m);
+        let mut fed = Vec::with_capacity(m);
+        let mut deltas = Vec::with_capacity(m);
+        let mut origins = Vec::with_capacity(m);
+        let mut hlc_ms = Vec::with_capacity(m);
+        let mut hlc_logical = Vec::with_capacity(m);
+        let mut xors = Vec::with_capacity(m);
+        let mut epochs = Vec::with_capacity(m);
+        let mut tombstones = Vec::with_capacity(m);
+        let mut expected = Vec::with_capacity(m);
+        let mut shas = Vec::with_capacity(m);
+        for (j, p) in planned {
+            let key = items[*j].key();
+            partitions.push(i32::from(self.layout.partition_of(key)));
+            keys.push(key.as_str());
+            buckets.push(i32::from(self.layout.bucket_of(key)));
+            envelopes.push(p.prepared.envelope.as_slice());
+            value_hashes.push(p.prepared.value_hash as i64);
+            entry_hashes.push(p.prepared.entry_hash as i64);
+            xors.push((p.old.entry_hash ^ p.prepared.entry_hash) as i64);
+            tombstones.push(p.prepared.tombstone);
+            expected.push(
+                signed(p.old.version, "version")
+                    .map_err(|e| WaveError::NotWritten(Attempt::Fail(e)))?,
+            );
+            shas.push(p.old.envelope_hash.map(|h| h.to_vec()));
+            match &p.feed {
+                Some(f) => {
+                    fed.push(1i32);
+                    deltas.push(Some(f.delta.as_slice()));
+                    origins.push(f.origin.get() as i64);
+                    hlc_ms.push(f.hlc.physical_ms() as i64);
+                    hlc_logical.push(i64::from(f.hlc.logical()));
+                    epochs.push(p.floor.map(|f| f.epoch));
+                }
+                None => {
+                    fed.push(0);
+                    deltas.push(None);
+                    origins.push(0);
+                    hlc_ms.push(0);
+                    hlc_logical.push(0);
+                    epochs.push(None);
+                }
+            }
+        }
+        let keep = i64::try_from(self.layout.feed_entries_max()).unwrap_or(i64::MAX);
+        let local = fed.contains(&1);
+        let conn = slot.get().await.map_err(WaveError::NotWritten)?;
+        let rows = query(&self.sql.write_many)
+            .bind(partitions)
+            .bind(keys)
+            .bind(buckets)
+            .bind(envelopes)
+            .bind(value_hashes)
+            .bind(entry_hashes)
+            .bind(fed)
+            .bind(keep)
+            .bind(deltas)
+            .bind(origins)
+            .bind(hlc_ms)
+            .bind(hlc_logical)
+            .bind(xors)
+            .bind(epochs)
+            .bind(tombstones)
+            .bind(expected)
+            .bind(shas)
+            .fetch_all(conn)
+            .await
+            .map_err(|e| {
+                if !outcome_unknown(&e) {
+                    WaveError::NotWritten(before_commit(e))
+                } else if local {
+                    WaveError::Unknown(unknown_outcome(&e))
+                } else {
+                    // Merges only: safe to do again.
+                    WaveError::NotWritten(Attempt::Retry {
+                        kind: RetryKind::Connection,
+                        error: e.to_string(),
+                    })
+                }
+            })?;
+        let unreadable = |e: sqlx::Error| {
+            WaveError::Unknown(BackendError::Unavailable(format!(
+                "the answer to a batch's write statement was unreadable ({e}); its writes may \
+                 or may not have taken effect"
+            )))
+        };
+        let mut written = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let n: i64 = row.try_get(0).map_err(unreadable)?;
+            let version: i64 = row.try_get(1).map_err(unreadable)?;
+            let seq: Option<i64> = row.try_get(2).map_err(unreadable)?;
+            written.insert(n, (unsigned(version), seq.map(unsigned)));
+        }
+        Ok(written)
     }
 
     /// Deletes `keys` (distinct) in one transaction; returns the ones that existed. The rows
@@ -1197,6 +2303,14 @@ impl Shared {
     /// keys. A key listed twice is deleted by its first mention (`true` if it existed) and
     /// absent at the next (`false`), as if deleted one by one.
     async fn delete_keys(&self, keys: &[Key]) -> Result<Vec<bool>, BackendError> {
+        let result = self.delete_keys_uncached(keys).await;
+        for key in keys {
+            self.cache.remove(key.as_str());
+        }
+        result
+    }
+
+    async fn delete_keys_uncached(&self, keys: &[Key]) -> Result<Vec<bool>, BackendError> {
         let mut distinct: Vec<String> = keys.iter().map(|k| k.as_str().to_string()).collect();
         distinct.sort_unstable();
         distinct.dedup();
@@ -1635,6 +2749,10 @@ impl StateBackend for PostgresBackend {
         writes: Vec<LocalWrite>,
     ) -> Result<Vec<Result<Receipt, BackendError>>, BackendError> {
         let sh = &*self.shared;
+        if writes.len() > 1 && sh.retry.optimistic_attempts_max > 0 {
+            let items: Vec<Item<'_>> = writes.iter().map(Item::Apply).collect();
+            return Ok(sh.run_batch(&items).await);
+        }
         let mut slot = Slot::new(&sh.primary);
         let mut out = Vec::with_capacity(writes.len());
         for write in &writes {
@@ -1654,6 +2772,10 @@ impl StateBackend for PostgresBackend {
         items: &[(Key, Crdt)],
     ) -> Result<Vec<Result<Receipt, BackendError>>, BackendError> {
         let sh = &*self.shared;
+        if items.len() > 1 && sh.retry.optimistic_attempts_max > 0 {
+            let batch: Vec<Item<'_>> = items.iter().map(|(k, d)| Item::Merge(k, d)).collect();
+            return Ok(sh.run_batch(&batch).await);
+        }
         let mut slot = Slot::new(&sh.primary);
         let mut out = Vec::with_capacity(items.len());
         for (key, delta) in items {
@@ -1698,7 +2820,9 @@ impl StateBackend for PostgresBackend {
 
     async fn purge(&self, key: &Key, version: u64) -> Result<bool, BackendError> {
         let sh = &*self.shared;
-        on_primary!(sh, "purge", slot => sh.try_purge(&mut slot, key, version))
+        let purged = on_primary!(sh, "purge", slot => sh.try_purge(&mut slot, key, version));
+        sh.cache.remove(key.as_str());
+        purged
     }
 
     async fn dot_floor(&self, partition: u16) -> Result<VersionVector, BackendError> {
@@ -1873,8 +2997,13 @@ impl Shared {
             entry_hash: entry_hash(key, value_hash),
             tombstone,
         };
-        let old = locked.map(|row| row.entry_hash);
-        self.store(tx, key, old, prepared, None, None).await?;
+        let old = locked.map(|row| Old {
+            version: row.version,
+            entry_hash: row.entry_hash,
+            envelope_hash: None,
+        });
+        self.store_locked(tx, key, old, prepared, None, None)
+            .await?;
         Ok(Step::Commit(()))
     }
 
@@ -1915,7 +3044,9 @@ impl Shared {
 impl crate::RawAccess for PostgresBackend {
     async fn raw_put(&self, key: &Key, bytes: Vec<u8>) -> Result<(), BackendError> {
         let sh = &*self.shared;
-        on_primary!(sh, "raw_put", slot => sh.try_raw_put(&mut slot, key, &bytes))
+        let put = on_primary!(sh, "raw_put", slot => sh.try_raw_put(&mut slot, key, &bytes));
+        sh.cache.remove(key.as_str());
+        put
     }
 
     async fn raw_get(&self, key: &Key) -> Result<Option<Vec<u8>>, BackendError> {

@@ -16,6 +16,10 @@ pub(crate) enum RetryKind {
     /// The connection failed before the transaction could have committed: drop the
     /// connection and try on another.
     Connection,
+    /// An optimistic write's compare-and-set changed nothing: the key or the partition's dot
+    /// floor changed since the state it was computed from was read. Retried at once from a
+    /// fresh read (or by the locking transaction).
+    Race,
 }
 
 /// The outcome of a failed attempt.
@@ -85,6 +89,37 @@ pub(crate) fn before_commit(e: SqlxError) -> Attempt {
             "the connection pool is closed".into(),
         )),
         _ => Attempt::Fail(BackendError::Unavailable(format!("PostgreSQL: {e}"))),
+    }
+}
+
+/// Whether a failed statement that commits by itself (autocommit) may nevertheless have
+/// committed: the connection failed before its answer came, or the answer says the connection
+/// is going away. Any other answer of the server is definite: the statement and its implicit
+/// transaction were rolled back.
+pub(crate) fn outcome_unknown(e: &SqlxError) -> bool {
+    match e {
+        SqlxError::Database(db) => {
+            is_connection(&db.code().map(|c| c.into_owned()).unwrap_or_default())
+        }
+        _ => true,
+    }
+}
+
+/// What a caller is told when a write's outcome is unknown.
+pub(crate) fn unknown_outcome(e: &SqlxError) -> BackendError {
+    BackendError::Unavailable(format!(
+        "the connection failed while the write's statement was in flight ({e}); the write may \
+         or may not have taken effect"
+    ))
+}
+
+/// Classifies an error of the single autocommit statement of an optimistic local write: a
+/// definite answer as [`before_commit`] does; an unknown outcome is reported, never retried.
+pub(crate) fn autocommit_write(e: SqlxError) -> Attempt {
+    if outcome_unknown(&e) {
+        Attempt::Fail(unknown_outcome(&e))
+    } else {
+        before_commit(e)
     }
 }
 

@@ -37,6 +37,31 @@ WITH p AS (
  RETURNING version_clock, last_seq, prev_trimmed, trimmed_through
 ), "#;
 
+/// [`WRITE_HEAD`] conditional on the key's row holding version `$16` and an envelope whose
+/// SHA-256 is `$17`: the compare-and-set of the optimistic write path. (The version alone
+/// identifies what the store wrote; the hash also catches bytes changed behind the store's
+/// back, which must never be overwritten.) `l` locks the key's row first (so locks are taken in the same
+/// order as everywhere: key row, then partition row); under `READ COMMITTED`, a row that
+/// another writer changed while we waited for its lock is re-checked on its newest version,
+/// whose version is then another one (versions never repeat in a partition), and a deleted row
+/// is skipped. Either way `l` is empty, `p` updates nothing, and nothing at all is written:
+/// the statement returns no row.
+const CAS_HEAD: &str = r#"
+WITH l AS MATERIALIZED (
+    SELECT 1 FROM {s}.gs_values
+     WHERE key = $2 AND version = $16 AND sha256(envelope) = $17
+       FOR UPDATE
+), p AS (
+    UPDATE {s}.gs_partitions
+       SET version_clock = version_clock + 1,
+           last_seq = last_seq + $7,
+           prev_trimmed = trimmed_through,
+           trimmed_through = GREATEST(trimmed_through, last_seq + $7 - $8)
+     WHERE partition = $1 AND ($14::bigint IS NULL OR floor_epoch = $14::bigint)
+       AND EXISTS (SELECT 1 FROM l)
+ RETURNING version_clock, last_seq, prev_trimmed, trimmed_through
+), "#;
+
 const WRITE_TAIL: &str = r#",
 f AS (
     INSERT INTO {s}.gs_feed (partition, seq, key, delta, origin, hlc_ms, hlc_logical)
@@ -71,6 +96,10 @@ pub(crate) struct Sql {
     pub lock_value_for_write: Arc<str>,
     pub write_new: Arc<str>,
     pub write_existing: Arc<str>,
+    pub write_cas: Arc<str>,
+    pub write_many: Arc<str>,
+    pub read_for_write: Arc<str>,
+    pub read_many_for_write: Arc<str>,
     pub get: Arc<str>,
     pub get_many: Arc<str>,
     pub scan_ge: Arc<str>,
@@ -118,13 +147,107 @@ impl Sql {
             ),
             // `lock_value` for a local write to key $1 of partition $2 by actor $3: also the
             // writer's dot floor (NULL: none), in the same statement.
+            // `lock_value` for a local write to key $1 of partition $2 by actor $3: also the
+            // writer's dot floor (NULL: none) and the partition's floor epoch, read in the same
+            // statement (one snapshot), for the write cache.
             lock_value_for_write: s(r#"
 SELECT v.envelope, v.version, v.entry_hash,
        (SELECT f.counter::text FROM {s}.gs_dot_floors AS f
-         WHERE f.partition = $2 AND f.actor = $3)
+         WHERE f.partition = $2 AND f.actor = $3),
+       (SELECT p.floor_epoch FROM {s}.gs_partitions AS p WHERE p.partition = $2)
   FROM {s}.gs_values AS v WHERE v.key = $1 FOR UPDATE OF v"#),
             write_new: s(&format!("{WRITE_HEAD}{INSERT_VALUE}{WRITE_TAIL}")),
             write_existing: s(&format!("{WRITE_HEAD}{UPDATE_VALUE}{WRITE_TAIL}")),
+            write_cas: s(&format!("{CAS_HEAD}{UPDATE_VALUE}{WRITE_TAIL}")),
+            // The optimistic write of many existing keys (distinct) in one statement: item k of
+            // the arrays is written only if its key still holds version $16[k] with an envelope
+            // hashing to $17[k] (locked in key order, as `write_cas` does for one key) and, for
+            // a local write ($14[k] not NULL), its partition's floor epoch is still $14[k]
+            // (partition rows locked in partition order after every key row). The items written
+            // get the next versions and feed sequence numbers of their partitions in item
+            // order; the feed of each partition is trimmed to $8 entries (never more items of
+            // one partition than that in one statement) and every bucket's fingerprint XORed
+            // once. Returns (item number, version, seq or NULL) of the items written.
+            write_many: s(r#"
+WITH i AS (
+    SELECT * FROM unnest($1::integer[], $2::text[], $3::integer[], $4::bytea[], $5::bigint[],
+                         $6::bigint[], $7::integer[], $9::bytea[], $10::bigint[], $11::bigint[],
+                         $12::bigint[], $13::bigint[], $14::bigint[], $15::boolean[],
+                         $16::bigint[], $17::bytea[])
+           WITH ORDINALITY AS i(partition, key, bucket, envelope, value_hash, entry_hash, fed,
+                                delta, origin, hlc_ms, hlc_logical, xor, epoch, tombstone,
+                                expected, sha, n)
+), l AS MATERIALIZED (
+    SELECT x.key FROM {s}.gs_values AS x JOIN i ON i.key = x.key
+     WHERE x.version = i.expected AND sha256(x.envelope) = i.sha
+     ORDER BY x.key
+       FOR UPDATE OF x
+), pl AS MATERIALIZED (
+    SELECT g.partition, g.floor_epoch FROM {s}.gs_partitions AS g
+     WHERE g.partition IN (SELECT i.partition FROM i JOIN l ON l.key = i.key)
+     ORDER BY g.partition
+       FOR UPDATE
+), w AS MATERIALIZED (
+    SELECT i.*,
+           row_number() OVER (PARTITION BY i.partition ORDER BY i.n) AS vr,
+           sum(i.fed) OVER (PARTITION BY i.partition ORDER BY i.n) AS sr
+      FROM i JOIN l ON l.key = i.key JOIN pl ON pl.partition = i.partition
+     WHERE i.epoch IS NULL OR i.epoch = pl.floor_epoch
+), c AS (
+    SELECT partition, count(*) AS nv, sum(fed) AS ns FROM w GROUP BY partition
+), p AS (
+    UPDATE {s}.gs_partitions AS g
+       SET version_clock = g.version_clock + c.nv,
+           last_seq = g.last_seq + c.ns,
+           prev_trimmed = g.trimmed_through,
+           trimmed_through = GREATEST(g.trimmed_through, g.last_seq + c.ns - $8)
+      FROM c
+     WHERE g.partition = c.partition
+ RETURNING g.partition, g.version_clock - c.nv AS v0, g.last_seq - c.ns AS s0,
+           g.prev_trimmed, g.trimmed_through
+), v AS (
+    UPDATE {s}.gs_values AS x
+       SET envelope = w.envelope, version = p.v0 + w.vr, value_hash = w.value_hash,
+           entry_hash = w.entry_hash, tombstone = w.tombstone
+      FROM w JOIN p ON p.partition = w.partition
+     WHERE x.key = w.key
+), f AS (
+    INSERT INTO {s}.gs_feed (partition, seq, key, delta, origin, hlc_ms, hlc_logical)
+    SELECT w.partition, p.s0 + w.sr, w.key, w.delta, w.origin, w.hlc_ms, w.hlc_logical
+      FROM w JOIN p ON p.partition = w.partition
+     WHERE w.fed = 1
+), t AS (
+    DELETE FROM {s}.gs_feed AS e USING p
+     WHERE e.partition = p.partition AND e.seq > p.prev_trimmed AND e.seq <= p.trimmed_through
+), d AS (
+    INSERT INTO {s}.gs_digests AS g (partition, bucket, fingerprint)
+    SELECT w.partition, w.bucket, bit_xor(w.xor)
+      FROM w JOIN p ON p.partition = w.partition
+     GROUP BY w.partition, w.bucket
+    ON CONFLICT (partition, bucket) DO UPDATE SET fingerprint = g.fingerprint # EXCLUDED.fingerprint
+)
+SELECT w.n, p.v0 + w.vr, CASE WHEN w.fed = 1 THEN p.s0 + w.sr END
+  FROM w JOIN p ON p.partition = w.partition"#),
+            // What an optimistic write to key $1 of partition $2 starts from, in one snapshot,
+            // without a transaction or a lock: the partition's floor epoch, actor $3's dot
+            // floor (NULL: none, or no actor: a merge), and the key's row if there is one.
+            read_for_write: s(r#"
+SELECT p.floor_epoch,
+       (SELECT f.counter::text FROM {s}.gs_dot_floors AS f
+         WHERE f.partition = $2 AND f.actor = $3::bigint),
+       v.envelope, v.version, v.entry_hash
+  FROM {s}.gs_partitions AS p
+  LEFT JOIN {s}.gs_values AS v ON v.key = $1
+ WHERE p.partition = $2"#),
+            // `read_for_write` for the keys of the array $1 that exist, by actor $2 (NULL: a
+            // merge), in one snapshot: what a batch's writes start from.
+            read_many_for_write: s(r#"
+SELECT v.key, v.envelope, v.version, v.entry_hash, p.floor_epoch,
+       (SELECT f.counter::text FROM {s}.gs_dot_floors AS f
+         WHERE f.partition = v.partition AND f.actor = $2::bigint)
+  FROM {s}.gs_values AS v
+  JOIN {s}.gs_partitions AS p ON p.partition = v.partition
+ WHERE v.key = ANY($1)"#),
             get: s("SELECT envelope, version FROM {s}.gs_values WHERE key = $1"),
             get_many: s("SELECT key, envelope, version FROM {s}.gs_values WHERE key = ANY($1)"),
             // $1 lower bound, $2 upper bound (exclusive; unused without one), $3 limit.

@@ -163,7 +163,6 @@
 //! ```
 
 mod breaker;
-mod cache;
 mod config;
 mod conn;
 mod names;
@@ -184,11 +183,11 @@ pub use config::{
 };
 pub use stats::{RedisStats, StatsHandle};
 
-use cache::WriteCache;
 use conn::{Conn, Failure, Group, Lua, Req, Safety};
 use names::Names;
 
 use crate::backend::{check_origin, local_delta, page_limit};
+use crate::cache::SnapshotCache;
 use crate::digest::{entry_hash, value_hash};
 use crate::{
     fnv1a64, BackendError, FeedEntry, FeedPage, Key, Layout, LocalWrite, PartitionDigest, Receipt,
@@ -279,7 +278,7 @@ pub struct RedisBackend {
     scripts: Scripts,
     contention: ContentionConfig,
     locks: Option<Box<[tokio::sync::Mutex<()>]>>,
-    cache: WriteCache<CachedKey>,
+    cache: SnapshotCache<CachedKey>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -769,7 +768,7 @@ impl RedisBackend {
             scripts: Scripts::new(),
             contention: config.contention.clone(),
             locks,
-            cache: WriteCache::new(config.write_cache.entries_max, config.write_cache.bytes_max),
+            cache: SnapshotCache::new(config.write_cache.entries_max, config.write_cache.bytes_max),
         };
         backend.check_server().await?;
         Ok(backend)
@@ -1142,9 +1141,9 @@ impl RedisBackend {
                 .map(|&i| {
                     let item = &items[i];
                     first_round
-                        .then(|| self.cache.get(item.key()))
+                        .then(|| self.cache.get(item.key().as_str()))
                         .flatten()
-                        .and_then(|entry| Snapshot::cached(entry, item))
+                        .and_then(|(_, entry)| Snapshot::cached(entry, item))
                         .map(Ok)
                 })
                 .collect();
@@ -1166,18 +1165,27 @@ impl RedisBackend {
             }
             let mut commits: Vec<(usize, Commit, bool)> = Vec::new();
             let mut reqs = Vec::new();
+            // Items whose cached snapshot gave an answer without a commit (a no-op, a failed
+            // condition, an error): only a fresh read may answer those, since the entry may
+            // be stale and nothing would check it.
+            let mut recheck = Vec::new();
             for (&i, snapshot) in pending.iter().zip(snapshots) {
                 let snapshot = snapshot.unwrap_or_else(|| {
                     Err(BackendError::Unavailable(
                         "redis returned too few replies".into(),
                     ))
                 });
+                let from_cache = matches!(&snapshot, Ok(s) if s.is_cached());
                 let token = self.conn.token();
                 let planned =
                     snapshot.and_then(|s| Ok((plan(&self.layout, &items[i], &s, token)?, s)));
                 match planned {
+                    Err(_) | Ok((Plan::Done(_), _)) if from_cache => {
+                        self.cache.remove(items[i].key().as_str());
+                        recheck.push(i);
+                    }
                     Err(e) => {
-                        self.cache.remove(items[i].key());
+                        self.cache.remove(items[i].key().as_str());
                         out[i] = Some(Err(e));
                     }
                     Ok((Plan::Done(receipt), _)) => out[i] = Some(Ok(receipt)),
@@ -1218,17 +1226,17 @@ impl RedisBackend {
                         }));
                     }
                     Ok(Committed::Race) => {
-                        self.cache.remove(key);
+                        self.cache.remove(key.as_str());
                         contended |= !cached;
                         raced.push(i);
                     }
                     Err(e) => {
-                        self.cache.remove(key);
+                        self.cache.remove(key.as_str());
                         out[i] = Some(Err(e));
                     }
                 }
             }
-            if raced.is_empty() {
+            if raced.is_empty() && recheck.is_empty() {
                 break;
             }
             let counters = &self.conn.counters;
@@ -1236,7 +1244,8 @@ impl RedisBackend {
                 .races
                 .fetch_add(raced.len() as u64, Ordering::Relaxed);
             if !contended {
-                // Only stale cache entries lost: not contention, and the next attempt reads.
+                // Only stale or unconfirmed cache entries: not contention; the next round
+                // reads.
                 attempt -= 1;
             } else if attempt >= self.contention.attempts_max {
                 for i in raced {
@@ -1246,7 +1255,11 @@ impl RedisBackend {
                         attempts: attempt,
                     }));
                 }
-                break;
+                if recheck.is_empty() {
+                    break;
+                }
+                pending = recheck;
+                continue;
             }
             // A race lost on a stale cache entry only says another process wrote the key
             // since this one did: read it at once. A race on a fresh read is contention.
@@ -1258,6 +1271,8 @@ impl RedisBackend {
                 ))
                 .await;
             }
+            raced.extend(recheck);
+            raced.sort_unstable();
             pending = raced;
         }
     }
@@ -1279,7 +1294,7 @@ impl RedisBackend {
             .get(..16)
             .and_then(|h| u64::from_str_radix(h, 16).ok())
         else {
-            self.cache.remove(key);
+            self.cache.remove(key.as_str());
             return delta;
         };
         let entry = CachedKey {
@@ -1294,7 +1309,8 @@ impl RedisBackend {
             floor: computed_with,
             value: state,
         };
-        self.cache.insert(key.clone(), entry, value.len());
+        self.cache
+            .insert(key.as_str(), version, Arc::new(entry), value.len());
         delta
     }
 
@@ -1329,7 +1345,7 @@ impl RedisBackend {
         let refs: Vec<&Key> = keys.iter().collect();
         let _guards = self.lock_keys(&refs).await;
         for key in keys {
-            self.cache.remove(key);
+            self.cache.remove(key.as_str());
         }
         let mut pending: Vec<usize> = (0..keys.len()).collect();
         let mut attempt: u32 = 0;
@@ -2097,7 +2113,7 @@ impl StateBackend for RedisBackend {
 #[cfg(feature = "testing")]
 impl crate::RawAccess for RedisBackend {
     async fn raw_put(&self, key: &Key, bytes: Vec<u8>) -> Result<(), BackendError> {
-        self.cache.remove(key);
+        self.cache.remove(key.as_str());
         let p = self.layout.partition_of(key);
         let b = self.layout.bucket_of(key);
         let (hash, tombstone) = match envelope::decode(&bytes, &envelope::Limits::default()) {
