@@ -29,6 +29,47 @@ pub fn page_limit(limit: usize) -> Result<usize, BackendError> {
     Ok(limit.min(PAGE_LIMIT_MAX))
 }
 
+/// Splits `0..n` into waves: runs of contiguous items, each at most `max` long and naming
+/// each key at most once (`key(i)` is item i's key), so that a wave's items can be read and
+/// committed together while items on one key still run in order. Returns `(start, end)`
+/// ranges.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn waves<'a>(
+    n: usize,
+    max: usize,
+    key: impl Fn(usize) -> &'a str,
+) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let mut seen = std::collections::HashSet::new();
+        let mut end = start;
+        while end < n && end - start < max.max(1) && seen.insert(key(end)) {
+            end += 1;
+        }
+        out.push((start, end));
+        start = end;
+    }
+    out
+}
+
+/// The outcomes of a batch whose every item got one; an item without one (a bug) is reported
+/// as such rather than dropped.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn outcomes<T>(
+    out: Vec<Option<Result<T, BackendError>>>,
+) -> Vec<Result<T, BackendError>> {
+    out.into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(BackendError::Unavailable(
+                    "internal: a batch item got no outcome".into(),
+                ))
+            })
+        })
+        .collect()
+}
+
 /// Checks a replication origin's name (cursors are keyed by it): 1 to 64 bytes, no control
 /// characters. Every store applies the same rule.
 ///

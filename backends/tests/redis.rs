@@ -746,6 +746,19 @@ impl Drop for Servers {
     }
 }
 
+/// Whether a `SENTINEL MASTER gs` reply shows the replica and the two other sentinels.
+fn sentinels_met(info: &str) -> bool {
+    let lines: Vec<&str> = info.lines().collect();
+    let field = |name: &str| {
+        lines
+            .iter()
+            .position(|l| *l == name)
+            .and_then(|i| lines.get(i + 1))
+            .copied()
+    };
+    field("num-slaves") == Some("1") && field("num-other-sentinels") == Some("2")
+}
+
 fn wait_for_ping(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -982,17 +995,7 @@ async fn sentinel_failover_resumes_writes_and_keeps_waited_writes() {
     for &port in sentinels {
         loop {
             let info = redis_cli(port, &["sentinel", "master", "gs"]);
-            let lines: Vec<&str> = info.lines().collect();
-            let field = |name: &str| {
-                lines
-                    .iter()
-                    .position(|l| *l == name)
-                    .and_then(|i| lines.get(i + 1))
-                    .map(|v| v.to_string())
-            };
-            if field("num-slaves").as_deref() == Some("1")
-                && field("num-other-sentinels").as_deref() == Some("2")
-            {
+            if sentinels_met(&info) {
                 break;
             }
             assert!(Instant::now() < deadline, "the sentinels never met: {info}");
@@ -1542,17 +1545,7 @@ async fn tls_sentinel_finds_the_master_and_passes_the_small_layout_cases() {
                 .output()
                 .unwrap();
             let info = String::from_utf8_lossy(&out.stdout).to_string();
-            let lines: Vec<&str> = info.lines().collect();
-            let field = |name: &str| {
-                lines
-                    .iter()
-                    .position(|l| *l == name)
-                    .and_then(|i| lines.get(i + 1))
-                    .map(|v| v.to_string())
-            };
-            if field("num-slaves").as_deref() == Some("1")
-                && field("num-other-sentinels").as_deref() == Some("2")
-            {
+            if sentinels_met(&info) {
                 break;
             }
             assert!(

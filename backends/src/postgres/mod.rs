@@ -215,7 +215,7 @@ use sqlx::{Connection, Row, Transaction};
 pub use config::{redact_url, PostgresConfig, ReadPolicy, RetryPolicy, SslMode};
 pub use replicas::ReplicaStatus;
 
-use crate::backend::{check_origin, local_delta, page_limit};
+use crate::backend::{check_origin, local_delta, outcomes, page_limit, waves};
 use crate::cache::{CacheStats, SnapshotCache};
 use crate::digest::entry_hash;
 use crate::{
@@ -1840,26 +1840,11 @@ impl Shared {
         let n = items.len();
         let mut out: Vec<Option<Result<Receipt, BackendError>>> = (0..n).map(|_| None).collect();
         let wave_max = PREFETCH_MAX.min(self.layout.feed_entries_max()).max(1);
-        let mut start = 0;
-        while start < n {
-            let mut seen: HashSet<&str> = HashSet::new();
-            let mut end = start;
-            while end < n && end - start < wave_max && seen.insert(items[end].key().as_str()) {
-                end += 1;
-            }
+        for (start, end) in waves(n, wave_max, |i| items[i].key().as_str()) {
             self.run_wave(&mut slot, &items[start..end], &mut out[start..end])
                 .await;
-            start = end;
         }
-        out.into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(BackendError::Unavailable(
-                        "internal: a batch item got no outcome".into(),
-                    ))
-                })
-            })
-            .collect()
+        outcomes(out)
     }
 
     async fn run_wave(

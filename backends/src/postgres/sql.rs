@@ -127,6 +127,7 @@ pub(crate) struct Sql {
     pub recompute_digest: Arc<str>,
     #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub raw_get: Arc<str>,
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub raw_append_feed: Arc<str>,
 }
 

@@ -186,7 +186,7 @@ pub use stats::{RedisStats, StatsHandle};
 use conn::{Conn, Failure, Group, Lua, Req, Safety};
 use names::Names;
 
-use crate::backend::{check_origin, local_delta, page_limit};
+use crate::backend::{check_origin, local_delta, outcomes, page_limit, waves};
 use crate::cache::SnapshotCache;
 use crate::digest::{entry_hash, value_hash};
 use crate::{
@@ -1104,26 +1104,11 @@ impl RedisBackend {
                 }
             }
         }
-        let mut start = 0;
-        while start < n {
-            let mut seen: HashSet<&Key> = HashSet::new();
-            let mut end = start;
-            while end < n && end - start < WAVE_ITEMS_MAX && seen.insert(items[end].key()) {
-                end += 1;
-            }
+        for (start, end) in waves(n, WAVE_ITEMS_MAX, |i| items[i].key().as_str()) {
             self.run_wave(&items[start..end], &mut out[start..end])
                 .await;
-            start = end;
         }
-        out.into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(BackendError::Unavailable(
-                        "internal: a batch item got no outcome".into(),
-                    ))
-                })
-            })
-            .collect()
+        outcomes(out)
     }
 
     async fn run_wave(&self, items: &[Item], out: &mut [Option<Result<Receipt, BackendError>>]) {
