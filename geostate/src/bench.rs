@@ -1767,8 +1767,8 @@ fn postgres_notes(r: &mut StoreReport, retries: u64, races: u64, (hits, misses):
     ));
     notes.push(
         "every commit waits for its WAL flush (synchronous_commit on, the default, for ours \
-         and raw alike); batch: ours commits one statement per key (after one read of the keys \
-         not cached), raw one statement for all"
+         and raw alike); batch: ours writes the cached keys of each wave in one statement (after \
+         one read of the keys not cached; others one by one), raw one statement for all"
             .into(),
     );
     r.notes = notes;
