@@ -40,6 +40,8 @@ struct Slot {
     hash: Option<u64>,
     /// An upper bound of the value's encoded payload size.
     size_bound: usize,
+    /// The key's digest bucket (kept so that listing a bucket hashes no key).
+    bucket: u16,
 }
 
 /// A change-feed entry as held in memory: the delta as its envelope (one allocation, the
@@ -60,6 +62,8 @@ struct Partition {
     last_seq: u64,
     feed: VecDeque<FedDelta>,
     buckets: Vec<u64>,
+    /// Some slot's hash is out of date (`None`): the bucket fingerprints need a refresh.
+    stale: bool,
     /// Every dot of every value removed from the partition (see
     /// [`StateBackend::dot_floor`]).
     floor: VersionVector,
@@ -73,6 +77,7 @@ impl Partition {
             last_seq: 0,
             feed: VecDeque::new(),
             buckets: vec![0; usize::from(buckets)],
+            stale: false,
             floor: VersionVector::new(),
         }
     }
@@ -268,8 +273,11 @@ impl MemoryBackend {
         Ok(true)
     }
 
-    /// Brings every bucket fingerprint of a partition up to date.
+    /// Brings every bucket fingerprint of a partition up to date (at once if none is stale).
     fn refresh_digest(&self, part: &mut Partition) -> Result<(), BackendError> {
+        if !part.stale {
+            return Ok(());
+        }
         for (key, slot) in part.values.iter_mut() {
             if slot.hash.is_some() {
                 continue;
@@ -279,9 +287,9 @@ impl MemoryBackend {
                 Content::Corrupt(bytes) => raw_hash(bytes),
             };
             slot.hash = Some(h);
-            let bucket = usize::from(self.layout.bucket_of(key));
-            part.buckets[bucket] ^= entry_hash(key, h);
+            part.buckets[usize::from(slot.bucket)] ^= entry_hash(key, h);
         }
+        part.stale = false;
         Ok(())
     }
 }
@@ -350,8 +358,10 @@ fn commit(
                     version,
                     hash: None,
                     size_bound: delta_len,
+                    bucket: u16::try_from(bucket).unwrap_or(u16::MAX),
                 },
             );
+            part.stale = true;
         }
         Some(slot) => {
             let Content::Value(value) = &mut slot.content else {
@@ -390,6 +400,7 @@ fn commit(
             if let Some(h) = slot.hash.take() {
                 part.buckets[bucket] ^= entry_hash(key, h);
             }
+            part.stale = true;
         }
     }
     Ok(version)
@@ -605,7 +616,7 @@ impl StateBackend for MemoryBackend {
         Ok(part
             .values
             .iter()
-            .filter(|(k, _)| self.layout.bucket_of(k) == bucket)
+            .filter(|(_, s)| s.bucket == bucket)
             .filter_map(|(k, s)| s.hash.map(|h| (k.clone(), h)))
             .collect())
     }
@@ -676,6 +687,7 @@ impl crate::RawAccess for MemoryBackend {
         };
         part.version_clock += 1;
         let version = part.version_clock;
+        part.stale = true;
         if let Some(old) = part.values.insert(
             key.clone(),
             Slot {
@@ -683,6 +695,7 @@ impl crate::RawAccess for MemoryBackend {
                 version,
                 hash: None,
                 size_bound,
+                bucket: u16::try_from(bucket).unwrap_or(u16::MAX),
             },
         ) {
             if let Some(h) = old.hash {

@@ -52,12 +52,55 @@
 //! ## Anti-entropy
 //! When a peer's feed was trimmed past what was received, the cursor jumps to the oldest
 //! entry still held and the partition is queued for anti-entropy; every partition is also swept
-//! periodically (all of a peer's partitions once per `anti_entropy_interval_ms`). A round on
-//! one partition compares bucket fingerprints ([`Request::Digest`]), then the `(key, hash)`
-//! lists of the differing buckets ([`Request::Buckets`]), then pulls the peer's states of the
-//! keys that differ ([`Request::States`]) and pushes ours ([`Request::Push`]). Because a state
-//! carries everything its region has merged, this also carries region A's writes to region C
-//! through B while the A–C link is cut.
+//! periodically (all of a peer's partitions once per `anti_entropy_interval_ms`). A round
+//! reconciles a range of consecutive partitions as two sets of *items*, one 64-bit id per key
+//! (a hash of the key and its value hash, [`iblt::item_id`]), by rateless set reconciliation
+//! ([`crate::iblt`]):
+//!
+//! 1. our *summary* of the range (the XOR of its digest buckets, which is the XOR of its
+//!    item ids) goes to the peer with [`Request::Reconcile`]; equal summaries end the round
+//!    there ([`Response::Reconciled`]): a dozen bytes out and one back, no listing on either
+//!    side;
+//! 2. otherwise the peer snapshots its items of the range and answers with its first coded
+//!    symbols; we list ours ([`LocalOp::Items`]), subtract our symbols from the peer's and
+//!    peel; while that does not decode we ask for more symbols of the same snapshot
+//!    ([`Request::Symbols`]);
+//! 3. decoded, the ids only the peer holds are fetched ([`Request::Fetch`]: the peer maps
+//!    them to keys and answers with their states) and merged, then we push ours of the keys
+//!    whose state still differs from the peer's after the merge ([`Request::Push`]): a key
+//!    whose merged state has one of the peer's ids is settled.
+//!
+//! The first request asks for `ae_symbols_first` symbols, or about 1.5 per difference that
+//! recent rounds with that peer found per partition, whichever is more; a later one for half
+//! as many again as received while few ids have peeled yet, a quarter or an eighth as more
+//! have (peeling frees ids slowly until about one symbol per difference has arrived, then all
+//! at once near 1.4). Sweep rounds take as many partitions as hold about
+//! `ae_items_per_round` keys (by the size of the last listing), up to a sixteenth of them:
+//! the symbols' overhead falls as more differences are reconciled together (about 2 symbols
+//! per difference for a handful, 1.4 for hundreds), and one request covers many partitions
+//! that agree; but a sweep's exchanges still spread over its interval.
+//!
+//! Anti-entropy does not race the feed. While the poll session with a peer is not open, or
+//! the peer's feed of a round's partitions has more entries known and not applied than one
+//! page (after a cut heals, say), the differences are mostly what the feed is about to
+//! deliver, and a round would ship them twice: the round waits. It waits only while the feed
+//! moves on, and never more than a request timeout without it (a stuck feed, an unreachable
+//! peer), so a gap's repair is late at worst. The other direction (the peer catching up on
+//! our feed) cannot be seen from here; spreading the sweep keeps the rounds that meet it
+//! small.
+//!
+//! A range that does not decode within `ae_symbols_per_round_max` symbols is reconciled
+//! again one partition per round; a single partition that does not either is compared bucket
+//! by bucket, as the protocol did before symbols: bucket fingerprints ([`Request::Digest`]),
+//! the `(key, hash)` lists of the differing buckets ([`Request::Buckets`]), the states of the
+//! differing keys ([`Request::States`]) and the push. That handles any divergence (a region
+//! starting empty, a long cut) with bounded work per round, at a cost in bytes that symbols
+//! only beat while the differences are fewer than the keys. A sketch that cannot be the
+//! difference of two sets (the peer is corrupt or hostile: wrong batch sizes, ids that
+//! contradict our own listing, symbols that do not peel consistently) fails the round like
+//! any failed request: backoff, then the same range again. Because a state carries
+//! everything its region has merged, repairs also carry region A's writes to region C through
+//! B while the A–C link is cut.
 
 mod gc;
 
@@ -65,7 +108,22 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use hdrhistogram::Histogram;
 
+use crate::iblt::{self, Decoder, Symbol};
 use crate::wire::{Page, Request, Response, WireEntry};
+
+/// Symbols the first request of a round asks for per difference expected, in eighths: 1.5,
+/// a little over what decoding takes (about 1.5 for tens of differences, 1.4 for thousands).
+const FIRST_BATCH_PER_DIFFERENCE_X8: u64 = 12;
+
+/// Most requests for symbols in one round, the opening one included. Batches grow by at
+/// least an eighth of what was received, so an honest decoding of `ae_symbols_per_round_max`
+/// (4,096 by default) symbols takes about 16; a sketch that keeps peeling a little without
+/// ever finishing (a peer whose batches disagree) is cut short here.
+const SYMBOL_REQUESTS_MAX: u32 = 24;
+
+/// A sweep round covers at most this fraction of the partitions, so that a sweep's exchanges
+/// spread over its interval.
+const SWEEP_RANGES_MIN: u16 = 16;
 
 /// Protocol settings. Every queue and batch is bounded by one of these.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,7 +151,23 @@ pub struct CoreConfig {
     pub retry_backoff_max_ms: u64,
     /// Time to sweep all partitions of a peer once with anti-entropy.
     pub anti_entropy_interval_ms: u64,
-    /// Most differing buckets examined per anti-entropy round.
+    /// How many items (keys) a periodic anti-entropy round may list, about: the sweep
+    /// reconciles as many consecutive partitions at once as hold that many keys by the size
+    /// of the last listing, up to a sixteenth of the partitions (one partition until a round
+    /// has listed one; a feed gap's round takes its partition alone). More partitions per
+    /// round: fewer rounds, and fewer coded symbols per difference (their overhead falls as
+    /// the differences reconciled together grow); fewer: smaller listings held in memory
+    /// (`0`: one partition per round).
+    pub ae_items_per_round: usize,
+    /// Coded symbols asked for first when a round's summaries differ. Each later batch asks
+    /// for half as many as were received, or this many if more, so a round overshoots what
+    /// its decoding needs by at most about a third.
+    pub ae_symbols_first: u32,
+    /// Most coded symbols one round asks for. A range of partitions that does not decode
+    /// within that many is reconciled again one partition per round; a single partition that
+    /// does not is compared bucket by bucket (digest, bucket listings) instead.
+    pub ae_symbols_per_round_max: u32,
+    /// Most differing buckets examined per bucket-by-bucket round.
     pub ae_buckets_per_round_max: usize,
     /// Most differing keys exchanged per anti-entropy round.
     pub ae_keys_per_round_max: usize,
@@ -116,6 +190,9 @@ impl Default for CoreConfig {
             retry_backoff_ms: 100,
             retry_backoff_max_ms: 5_000,
             anti_entropy_interval_ms: 30_000,
+            ae_items_per_round: 65_536,
+            ae_symbols_first: 16,
+            ae_symbols_per_round_max: 4_096,
             ae_buckets_per_round_max: 64,
             ae_keys_per_round_max: 1_024,
             gc_interval_ms: 60_000,
@@ -194,6 +271,22 @@ pub enum LocalOp {
         /// The cursor after them.
         advance_to: u64,
     },
+    /// Read the local summary of the partitions `[first, first + partitions)`: the XOR of
+    /// their digest buckets. Answer: [`LocalResult::Summary`].
+    Summary {
+        /// The first partition.
+        first: u16,
+        /// How many partitions.
+        partitions: u16,
+    },
+    /// List the local items of the partitions `[first, first + partitions)`: each key's item
+    /// id ([`iblt::item_id`] of the key and its value hash). Answer: [`LocalResult::Items`].
+    Items {
+        /// The first partition.
+        first: u16,
+        /// How many partitions.
+        partitions: u16,
+    },
     /// Read the local bucket fingerprints. Answer: [`LocalResult::Digest`].
     Digest {
         /// The partition.
@@ -242,6 +335,10 @@ pub enum LocalResult {
     Cursors(Vec<Vec<u64>>),
     /// The feed page was merged and the cursor raised.
     Applied,
+    /// The local summary of some partitions.
+    Summary(u64),
+    /// The local `(item id, key)` of some partitions, sorted by id.
+    Items(Vec<(u64, String)>),
     /// Local bucket fingerprints.
     Digest(Vec<u64>),
     /// Local `(key, hash)` entries of the asked buckets.
@@ -280,7 +377,8 @@ pub struct Stats {
     pub entries_applied: u64,
     /// Bytes of feed traffic (heads polls and their answers).
     pub feed_bytes: u64,
-    /// Bytes of anti-entropy traffic (digests, bucket lists, states both ways).
+    /// Bytes of anti-entropy traffic, requests and answers (summaries, coded symbols, item
+    /// ids, digests, bucket lists, states both ways), and of garbage collection's probes.
     pub ae_bytes: u64,
     /// Anti-entropy rounds completed.
     pub ae_rounds: u64,
@@ -337,10 +435,64 @@ enum Stream {
     Open { session: u64, next_poll: u64 },
 }
 
-/// One anti-entropy round's progress on one partition.
+/// What an anti-entropy round works on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Work {
+    /// Set reconciliation of the partitions `[first, first + partitions)`.
+    Reconcile { first: u16, partitions: u16 },
+    /// Bucket-by-bucket comparison of one partition (too different to reconcile by symbols
+    /// within `ae_symbols_per_round_max`).
+    Compare(u16),
+}
+
+impl Work {
+    fn single(partition: u16) -> Self {
+        Work::Reconcile {
+            first: partition,
+            partitions: 1,
+        }
+    }
+}
+
+/// A reconciliation whose first symbols arrived and whose local items are listed.
+#[derive(Clone, Debug)]
+struct Decoding {
+    first: u16,
+    partitions: u16,
+    /// The peer's snapshot: its summary, symbol 0's id sum.
+    snapshot: u64,
+    /// Our `(item id, key)`, sorted by id.
+    items: Vec<(u64, String)>,
+    decoder: Decoder,
+    /// The symbols asked for and not received yet: `(from, count)`.
+    asked: (u32, u32),
+    /// Requests for symbols sent, the opening one included.
+    requests: u32,
+}
+
+/// One anti-entropy round's progress.
 #[derive(Clone, Debug)]
 enum Round {
     Idle,
+    /// Reading our summary of the partitions.
+    Summary {
+        first: u16,
+        partitions: u16,
+    },
+    /// The opening request ([`Request::Reconcile`]) is out, asking for `asked` symbols.
+    Opening {
+        first: u16,
+        partitions: u16,
+        asked: u32,
+    },
+    /// The peer's first symbols arrived; listing our items.
+    Listing {
+        first: u16,
+        partitions: u16,
+        symbols: Vec<Symbol>,
+    },
+    /// Decoding; more symbols asked for.
+    Decoding(Box<Decoding>),
     Digest {
         partition: u16,
         remote: Option<Vec<u64>>,
@@ -354,9 +506,10 @@ enum Round {
     /// Pull the peer's differing states first, then push only the keys that still differ
     /// from the peer's after the merge (a key the peer simply had newer needs no push).
     Exchange {
-        partition: u16,
-        /// The peer's hashes of the differing keys.
-        remote: BTreeMap<String, u64>,
+        work: Work,
+        /// The peer's item ids of the differing keys: a key whose merged state has one of
+        /// them is settled.
+        remote: BTreeSet<u64>,
         /// Our keys that differed before the pull.
         push: Vec<String>,
         pulled: Option<()>,
@@ -365,14 +518,42 @@ enum Round {
 }
 
 impl Round {
-    fn partition(&self) -> Option<u16> {
+    /// What the round works on, to be tried again if it is abandoned.
+    fn work(&self) -> Option<Work> {
         match self {
             Round::Idle => None,
-            Round::Digest { partition, .. }
-            | Round::Buckets { partition, .. }
-            | Round::Exchange { partition, .. } => Some(*partition),
+            Round::Summary { first, partitions }
+            | Round::Opening {
+                first, partitions, ..
+            }
+            | Round::Listing {
+                first, partitions, ..
+            } => Some(Work::Reconcile {
+                first: *first,
+                partitions: *partitions,
+            }),
+            Round::Decoding(d) => Some(Work::Reconcile {
+                first: d.first,
+                partitions: d.partitions,
+            }),
+            Round::Digest { partition, .. } | Round::Buckets { partition, .. } => {
+                Some(Work::Compare(*partition))
+            }
+            Round::Exchange { work, .. } => Some(*work),
         }
     }
+}
+
+/// The item ids of `(key, value hash)` pairs (keys that are not valid keys have none).
+fn ids_of<'a>(pairs: impl IntoIterator<Item = (&'a str, u64)>) -> BTreeSet<u64> {
+    pairs
+        .into_iter()
+        .filter_map(|(k, h)| {
+            geostate_backends::Key::new(k)
+                .ok()
+                .map(|key| iblt::item_id(&key, h))
+        })
+        .collect()
 }
 
 #[derive(Debug)]
@@ -393,13 +574,27 @@ struct Peer {
     failures_in_a_row: u32,
     retry_at_ms: u64,
     round: Round,
-    /// Partitions waiting for anti-entropy because their feed had a gap.
-    urgent: BTreeSet<u16>,
+    /// Anti-entropy waiting to run before the sweep: a partition whose feed had a gap, a
+    /// round abandoned or cut short, a range split or a partition handed to comparison.
+    urgent: BTreeSet<Work>,
+    /// The first partition of the sweep's next range.
     next_sweep_partition: u16,
     next_sweep_ms: u64,
     /// Requests of the current round waiting for an in-flight slot.
     deferred: VecDeque<(Request, Purpose)>,
     lag_ms: Histogram<u64>,
+    /// When the peer's feed last moved on (a session opened, a page applied), and since when
+    /// anti-entropy has been waiting for it: anti-entropy waits for a feed that is catching
+    /// up, not for one that is stuck (see [`ReplicatorCore::waits_for_feed`]).
+    fed_ms: u64,
+    waiting_since_ms: Option<u64>,
+    /// Differences found by recent reconciliations with the peer, and the partitions they
+    /// covered, both in 256ths (both halved whenever the partitions pass the partition
+    /// count, so they weigh about the last sweep): their ratio sizes the first batch of
+    /// symbols, so that a repair of many similar ranges asks for about what it needs in one
+    /// request instead of growing from `ae_symbols_first` each time. Rounds that found
+    /// nothing count as much as any.
+    differences_seen: (u64, u64),
 }
 
 /// What an in-flight command was for.
@@ -423,6 +618,18 @@ enum Purpose {
         partition: u16,
         advance_to: u64,
         hlc_ms: Vec<u64>,
+    },
+    LocalSummary {
+        peer: PeerId,
+    },
+    RemoteReconcile {
+        peer: PeerId,
+    },
+    LocalItems {
+        peer: PeerId,
+    },
+    RemoteSymbols {
+        peer: PeerId,
     },
     RemoteDigest {
         peer: PeerId,
@@ -510,6 +717,8 @@ pub struct ReplicatorCore {
     /// The peers' names, by index.
     peer_names: Vec<String>,
     gc: gc::Gc,
+    /// Keys per partition in the last listing of local items (sizes sweep rounds).
+    items_per_partition: Option<u64>,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -550,6 +759,9 @@ impl ReplicatorCore {
                 next_sweep_ms: 0,
                 deferred: VecDeque::new(),
                 lag_ms: histogram(),
+                fed_ms: 0,
+                waiting_since_ms: None,
+                differences_seen: (0, 0),
             })
             .collect();
         Self {
@@ -563,6 +775,7 @@ impl ReplicatorCore {
             now_ms: 0,
             region: region.to_string(),
             peer_names: peers.to_vec(),
+            items_per_partition: None,
         }
     }
 
@@ -761,6 +974,10 @@ impl ReplicatorCore {
             Purpose::Open { peer, .. }
             | Purpose::Poll { peer, .. }
             | Purpose::Apply { peer, .. }
+            | Purpose::LocalSummary { peer }
+            | Purpose::RemoteReconcile { peer }
+            | Purpose::LocalItems { peer }
+            | Purpose::RemoteSymbols { peer }
             | Purpose::RemoteDigest { peer }
             | Purpose::LocalDigest { peer }
             | Purpose::RemoteBuckets { peer }
@@ -799,6 +1016,13 @@ impl ReplicatorCore {
             return;
         };
         self.peers[peer].in_flight = self.peers[peer].in_flight.saturating_sub(1);
+        // Every answer but a poll's is anti-entropy's (or garbage collection's) traffic,
+        // whatever becomes of it: late answers of an abandoned round and failures too.
+        if !matches!(purpose, Purpose::Open { .. } | Purpose::Poll { .. }) {
+            if let Ok(response) = &result {
+                self.stats.ae_bytes += response.wire_bytes() as u64;
+            }
+        }
         // Polls of a session given up only free their slot.
         let current = match purpose {
             Purpose::Stale { .. } => return,
@@ -842,6 +1066,7 @@ impl ReplicatorCore {
                 self.stats.feed_bytes += bytes;
                 self.stats.sessions += 1;
                 let p = &mut self.peers[peer];
+                p.fed_ms = now_ms;
                 p.stream = Stream::Open {
                     session,
                     next_poll: 1,
@@ -861,22 +1086,46 @@ impl ReplicatorCore {
                 p.rtt_ms = Some(p.rtt_ms.map_or(rtt, |r| r.min(rtt)));
                 self.take_pages(peer, pages, out);
             }
+            (Purpose::RemoteReconcile { .. }, Response::Reconciled) => {
+                if let Round::Opening { partitions, .. } = self.peers[peer].round {
+                    // The summaries match: nothing differs.
+                    self.stats.ae_rounds += 1;
+                    self.peers[peer].round = Round::Idle;
+                    self.record_differences(peer, 0, partitions);
+                }
+            }
+            (Purpose::RemoteReconcile { .. }, Response::Symbols { symbols }) => {
+                if !self.first_symbols(peer, symbols, out) {
+                    self.peers[peer].failures_in_a_row = failures_in_a_row;
+                    self.abandon(purpose.clone());
+                    self.fail(now_ms, peer);
+                }
+            }
+            (Purpose::RemoteSymbols { .. }, Response::Symbols { symbols }) => {
+                if !self.more_symbols(now_ms, peer, symbols, out) {
+                    self.peers[peer].failures_in_a_row = failures_in_a_row;
+                    self.abandon(purpose.clone());
+                    self.fail(now_ms, peer);
+                }
+            }
+            (Purpose::RemoteSymbols { .. }, Response::Changed) => {
+                // The peer's snapshot is gone and the partitions changed: start again (the
+                // work goes back to the urgent queue), which is no failure of the peer.
+                self.abandon(purpose.clone());
+            }
             (Purpose::RemoteDigest { .. }, Response::Digest { buckets }) => {
-                self.stats.ae_bytes += bytes;
                 if let Round::Digest { remote, .. } = &mut self.peers[peer].round {
                     *remote = Some(buckets);
                 }
                 self.advance_round(peer, out);
             }
             (Purpose::RemoteBuckets { .. }, Response::Buckets { entries }) => {
-                self.stats.ae_bytes += bytes;
                 if let Round::Buckets { remote, .. } = &mut self.peers[peer].round {
                     *remote = Some(entries);
                 }
                 self.advance_round(peer, out);
             }
             (Purpose::RemoteStates { .. }, Response::States { states }) => {
-                self.stats.ae_bytes += bytes;
                 let states: Vec<(String, Vec<u8>)> = states
                     .into_iter()
                     .filter_map(|(k, v)| v.map(|v| (k, v)))
@@ -892,17 +1141,13 @@ impl ReplicatorCore {
                 }
             }
             (Purpose::Push { .. }, Response::Pushed) => {
-                self.stats.ae_bytes += bytes;
                 if let Round::Exchange { pushed, .. } = &mut self.peers[peer].round {
                     *pushed = Some(());
                 }
                 self.advance_round(peer, out);
             }
-            (Purpose::GcPurge { .. }, Response::Purged { .. }) => {
-                self.stats.ae_bytes += bytes;
-            }
+            (Purpose::GcPurge { .. }, Response::Purged { .. }) => {}
             (Purpose::GcProbe { round, .. }, response @ Response::Stability { .. }) => {
-                self.stats.ae_bytes += bytes;
                 let round = *round;
                 if !self.gc_probed(peer, round, response, out) {
                     self.peers[peer].failures_in_a_row = failures_in_a_row;
@@ -976,7 +1221,7 @@ impl ReplicatorCore {
         }
         if gap {
             self.stats.gaps += 1;
-            self.peers[peer].urgent.insert(page.partition);
+            self.peers[peer].urgent.insert(Work::single(page.partition));
         }
         // A damaged entry's write may be missing here: skip it, repair by anti-entropy.
         let damaged = entries.iter().filter(|e| e.is_damaged()).count();
@@ -984,7 +1229,7 @@ impl ReplicatorCore {
             entries
         } else {
             self.stats.damaged_entries += damaged as u64;
-            self.peers[peer].urgent.insert(page.partition);
+            self.peers[peer].urgent.insert(Work::single(page.partition));
             entries.into_iter().filter(|e| !e.is_damaged()).collect()
         };
         let p = &mut self.peers[peer];
@@ -1053,7 +1298,11 @@ impl ReplicatorCore {
                 p.unapplied = p.unapplied.saturating_sub(dropped);
                 self.reopen(peer);
             }
-            Purpose::RemoteDigest { peer }
+            Purpose::LocalSummary { peer }
+            | Purpose::RemoteReconcile { peer }
+            | Purpose::LocalItems { peer }
+            | Purpose::RemoteSymbols { peer }
+            | Purpose::RemoteDigest { peer }
             | Purpose::LocalDigest { peer }
             | Purpose::RemoteBuckets { peer }
             | Purpose::LocalBuckets { peer }
@@ -1062,9 +1311,9 @@ impl ReplicatorCore {
             | Purpose::MergePulled { peer }
             | Purpose::Push { peer } => {
                 let p = &mut self.peers[peer];
-                // The partition is tried again in a later round.
-                if let Some(partition) = p.round.partition() {
-                    p.urgent.insert(partition);
+                // The work is tried again in a later round.
+                if let Some(work) = p.round.work() {
+                    p.urgent.insert(work);
                 }
                 p.round = Round::Idle;
                 p.deferred.clear();
@@ -1072,7 +1321,9 @@ impl ReplicatorCore {
                 // are forgotten; remote requests stay counted in flight until they are
                 // answered or time out.
                 self.pending.retain(|_, pending| match pending.purpose {
-                    Purpose::RemoteDigest { peer: q }
+                    Purpose::RemoteReconcile { peer: q }
+                    | Purpose::RemoteSymbols { peer: q }
+                    | Purpose::RemoteDigest { peer: q }
                     | Purpose::RemoteBuckets { peer: q }
                     | Purpose::RemoteStates { peer: q }
                     | Purpose::Push { peer: q }
@@ -1081,7 +1332,9 @@ impl ReplicatorCore {
                         pending.purpose = Purpose::Stale { peer };
                         true
                     }
-                    Purpose::LocalDigest { peer: q }
+                    Purpose::LocalSummary { peer: q }
+                    | Purpose::LocalItems { peer: q }
+                    | Purpose::LocalDigest { peer: q }
                     | Purpose::LocalBuckets { peer: q }
                     | Purpose::LocalStates { peer: q }
                     | Purpose::MergePulled { peer: q } => q != peer,
@@ -1130,13 +1383,15 @@ impl ReplicatorCore {
                     peer.polls_out = 0;
                     peer.last_poll_ms = now_ms;
                     peer.rtt_ms = None;
+                    peer.fed_ms = now_ms;
                     peer.unapplied = 0;
                     peer.in_flight = 0;
                     peer.round = Round::Idle;
                     peer.deferred.clear();
-                    peer.next_sweep_ms = now_ms
-                        + self.config.anti_entropy_interval_ms
-                            / u64::from(self.config.partitions.max(1));
+                }
+                let sweep_step_ms = self.sweep_step_ms();
+                for peer in &mut self.peers {
+                    peer.next_sweep_ms = now_ms + sweep_step_ms;
                 }
                 let step = self.gc_step_ms();
                 self.gc.restart(now_ms, step);
@@ -1166,11 +1421,61 @@ impl ReplicatorCore {
                 }
                 self.stats.entries_applied += hlc_ms.len() as u64;
                 p.unapplied = p.unapplied.saturating_sub(hlc_ms.len());
+                p.fed_ms = now_ms;
                 let link = &mut p.links[usize::from(partition)];
                 link.cursor = link.cursor.max(advance_to);
                 link.applying = false;
                 // What arrived meanwhile.
                 self.apply_next(peer, partition, out);
+            }
+            (Purpose::LocalSummary { peer }, LocalResult::Summary(summary)) => {
+                if let Round::Summary { first, partitions } = self.peers[peer].round {
+                    let asked = self.first_batch(peer, partitions);
+                    self.peers[peer].round = Round::Opening {
+                        first,
+                        partitions,
+                        asked,
+                    };
+                    self.send_or_defer(
+                        peer,
+                        Request::Reconcile {
+                            first,
+                            partitions,
+                            summary,
+                            symbols: asked,
+                        },
+                        Purpose::RemoteReconcile { peer },
+                        out,
+                    );
+                }
+            }
+            (Purpose::LocalItems { peer }, LocalResult::Items(mut items)) => {
+                let round = std::mem::replace(&mut self.peers[peer].round, Round::Idle);
+                if let Round::Listing {
+                    first,
+                    partitions,
+                    symbols,
+                } = round
+                {
+                    items.sort_unstable();
+                    self.items_per_partition =
+                        Some((items.len() as u64).div_ceil(u64::from(partitions.max(1))));
+                    let ours = iblt::encode(items.iter().map(|(id, _)| *id), 0, symbols.len());
+                    let mut decoding = Box::new(Decoding {
+                        first,
+                        partitions,
+                        // Every id is mapped to symbol 0: its sum is the XOR of the snapshot.
+                        snapshot: symbols.first().map_or(0, |s| s.sum),
+                        items,
+                        decoder: Decoder::new(),
+                        asked: (0, 0),
+                        requests: 1,
+                    });
+                    let added = decoding.decoder.add(&symbols, &ours).is_ok();
+                    self.decoding(now_ms, peer, decoding, added, out);
+                } else {
+                    self.peers[peer].round = round;
+                }
             }
             (Purpose::LocalDigest { peer }, LocalResult::Digest(buckets)) => {
                 if let Round::Digest { local, .. } = &mut self.peers[peer].round {
@@ -1212,6 +1517,250 @@ impl ReplicatorCore {
         }
     }
 
+    /// How many symbols the first request of a reconciliation of `partitions` partitions asks
+    /// for: `ae_symbols_first`, or more if recent rounds with the peer found many
+    /// differences per partition (1.5 symbols per difference expected, a little over what
+    /// decoding takes on average).
+    fn first_batch(&self, peer: PeerId, partitions: u16) -> u32 {
+        let (differences, covered) = self.peers[peer].differences_seen;
+        let expected = differences.saturating_mul(u64::from(partitions)) / covered.max(1);
+        let symbols =
+            u32::try_from(expected * FIRST_BATCH_PER_DIFFERENCE_X8 / 8).unwrap_or(u32::MAX);
+        symbols
+            .max(self.config.ae_symbols_first)
+            .clamp(1, self.config.ae_symbols_per_round_max.max(1))
+    }
+
+    /// Takes a round's differences (of `partitions` partitions) into the peer's running
+    /// count. Rounds that found nothing count too: otherwise the ratio would only see ranges
+    /// that differ.
+    fn record_differences(&mut self, peer: PeerId, differences: u64, partitions: u16) {
+        let window = u64::from(self.config.partitions.max(1)) * 256;
+        let seen = &mut self.peers[peer].differences_seen;
+        seen.0 = seen.0.saturating_add(differences.saturating_mul(256));
+        seen.1 = seen.1.saturating_add(u64::from(partitions) * 256);
+        while seen.1 > window {
+            seen.0 /= 2;
+            seen.1 /= 2;
+        }
+    }
+
+    /// The peer's first symbols of a reconciliation arrived: list ours. False if the answer
+    /// is not what was asked.
+    fn first_symbols(
+        &mut self,
+        peer: PeerId,
+        symbols: Vec<Symbol>,
+        out: &mut Vec<Command>,
+    ) -> bool {
+        let Round::Opening {
+            first,
+            partitions,
+            asked,
+        } = self.peers[peer].round
+        else {
+            return true;
+        };
+        if symbols.len() != asked as usize {
+            return false;
+        }
+        self.peers[peer].round = Round::Listing {
+            first,
+            partitions,
+            symbols,
+        };
+        out.push(self.local(
+            LocalOp::Items { first, partitions },
+            Purpose::LocalItems { peer },
+        ));
+        true
+    }
+
+    /// More symbols of a reconciliation arrived: subtract ours and peel. False if the answer
+    /// is not what was asked.
+    fn more_symbols(
+        &mut self,
+        now_ms: u64,
+        peer: PeerId,
+        symbols: Vec<Symbol>,
+        out: &mut Vec<Command>,
+    ) -> bool {
+        let round = std::mem::replace(&mut self.peers[peer].round, Round::Idle);
+        let Round::Decoding(mut decoding) = round else {
+            self.peers[peer].round = round;
+            return true;
+        };
+        let (from, count) = decoding.asked;
+        if symbols.len() != count as usize || decoding.decoder.len() != from as usize {
+            self.peers[peer].round = Round::Decoding(decoding);
+            return false;
+        }
+        let ours = iblt::encode(
+            decoding.items.iter().map(|(id, _)| *id),
+            u64::from(from),
+            symbols.len(),
+        );
+        let added = decoding.decoder.add(&symbols, &ours).is_ok();
+        self.decoding(now_ms, peer, decoding, added, out);
+        true
+    }
+
+    /// Moves a reconciliation on after symbols were added (`added`: without a decoding
+    /// error): exchange the states of what decoded, or ask for more symbols, or give the work
+    /// to smaller rounds when the round's symbols are spent. A sketch that is not that of a
+    /// difference (a corrupt or hostile answer) fails the round.
+    fn decoding(
+        &mut self,
+        now_ms: u64,
+        peer: PeerId,
+        mut decoding: Box<Decoding>,
+        added: bool,
+        out: &mut Vec<Command>,
+    ) {
+        let (first, partitions, snapshot) =
+            (decoding.first, decoding.partitions, decoding.snapshot);
+        if !added || (decoding.decoder.is_decoded() && !self.exchange(peer, &decoding, out)) {
+            self.peers[peer].round = Round::Decoding(decoding);
+            self.abandon(Purpose::LocalItems { peer });
+            self.fail(now_ms, peer);
+            return;
+        }
+        if decoding.decoder.is_decoded() {
+            return;
+        }
+        let max = self.config.ae_symbols_per_round_max.max(1);
+        let received = u32::try_from(decoding.decoder.len()).unwrap_or(u32::MAX);
+        if received >= max || decoding.requests >= SYMBOL_REQUESTS_MAX {
+            // Too many differences for one round: smaller ranges, then bucket by bucket.
+            let p = &mut self.peers[peer];
+            if partitions > 1 {
+                for partition in first..first.saturating_add(partitions) {
+                    p.urgent.insert(Work::single(partition));
+                }
+            } else {
+                p.urgent.insert(Work::Compare(first));
+            }
+            p.round = Round::Idle;
+            return;
+        }
+        // How far decoding got tells how far it is from done: peeling frees ids slowly at
+        // first (an eighth of the symbols received by about one symbol per difference) and
+        // then all at once (about 1.4 symbols per difference). So ask for half as many again
+        // while few ids are out, then a quarter, then an eighth.
+        let peeled = decoding.decoder.remote_only().len() + decoding.decoder.local_only().len();
+        let peeled = u32::try_from(peeled).unwrap_or(u32::MAX);
+        let divisor = if peeled.saturating_mul(8) < received {
+            2
+        } else if peeled.saturating_mul(4) < received {
+            4
+        } else {
+            8
+        };
+        let count = self
+            .config
+            .ae_symbols_first
+            .max(received / divisor)
+            .clamp(1, max - received);
+        decoding.asked = (received, count);
+        decoding.requests += 1;
+        self.peers[peer].round = Round::Decoding(decoding);
+        self.send_or_defer(
+            peer,
+            Request::Symbols {
+                first,
+                partitions,
+                snapshot,
+                from: received,
+                count,
+            },
+            Purpose::RemoteSymbols { peer },
+            out,
+        );
+    }
+
+    /// The difference decoded: pull the peer's states of the ids only it holds (by id), then
+    /// push ours of the ids only we hold. False if the difference contradicts our own items
+    /// (an id "only ours" we do not hold, or one "only theirs" we do).
+    fn exchange(&mut self, peer: PeerId, decoding: &Decoding, out: &mut Vec<Command>) -> bool {
+        let items = &decoding.items;
+        let key_of = |id: u64| {
+            items
+                .binary_search_by_key(&id, |(i, _)| *i)
+                .ok()
+                .map(|at| items[at].1.clone())
+        };
+        if decoding
+            .decoder
+            .remote_only()
+            .iter()
+            .any(|id| key_of(*id).is_some())
+        {
+            return false;
+        }
+        let mut push = Vec::with_capacity(decoding.decoder.local_only().len());
+        for id in decoding.decoder.local_only() {
+            match key_of(*id) {
+                Some(key) => push.push(key),
+                None => return false,
+            }
+        }
+        push.sort_unstable();
+        push.dedup();
+        let mut pull = decoding.decoder.remote_only().to_vec();
+        pull.sort_unstable();
+        let work = Work::Reconcile {
+            first: decoding.first,
+            partitions: decoding.partitions,
+        };
+        let max = self.config.ae_keys_per_round_max;
+        if pull.len() > max || push.len() > max {
+            // More next time.
+            self.peers[peer].urgent.insert(work);
+            pull.truncate(max);
+            push.truncate(max);
+        }
+        let remote: BTreeSet<u64> = decoding.decoder.remote_only().iter().copied().collect();
+        let differences =
+            (decoding.decoder.remote_only().len() + decoding.decoder.local_only().len()) as u64;
+        self.record_differences(peer, differences, decoding.partitions);
+        self.peers[peer].round = if pull.is_empty() && push.is_empty() {
+            self.stats.ae_rounds += 1;
+            Round::Idle
+        } else if pull.is_empty() {
+            out.push(self.local(
+                LocalOp::States { keys: push.clone() },
+                Purpose::LocalStates { peer },
+            ));
+            Round::Exchange {
+                work,
+                remote,
+                push,
+                pulled: Some(()),
+                pushed: None,
+            }
+        } else {
+            self.send_or_defer(
+                peer,
+                Request::Fetch {
+                    first: decoding.first,
+                    partitions: decoding.partitions,
+                    snapshot: decoding.snapshot,
+                    ids: pull,
+                },
+                Purpose::RemoteStates { peer },
+                out,
+            );
+            Round::Exchange {
+                work,
+                remote,
+                push,
+                pulled: None,
+                pushed: None,
+            }
+        };
+        true
+    }
+
     /// The pull half of an exchange is merged: push only our keys whose state still differs
     /// from the peer's (`hashes` are ours after the merge).
     fn pulled(&mut self, peer: PeerId, hashes: &[(String, u64)], out: &mut Vec<Command>) {
@@ -1228,7 +1777,11 @@ impl ReplicatorCore {
                 *pulled = Some(());
                 let settled: BTreeSet<&str> = hashes
                     .iter()
-                    .filter(|(k, h)| remote.get(k) == Some(h))
+                    .filter(|(k, h)| {
+                        ids_of([(k.as_str(), *h)])
+                            .first()
+                            .is_some_and(|id| remote.contains(id))
+                    })
                     .map(|(k, _)| k.as_str())
                     .collect();
                 push.retain(|k| !settled.contains(k.as_str()));
@@ -1264,7 +1817,7 @@ impl ReplicatorCore {
                     buckets.truncate(self.config.ae_buckets_per_round_max);
                     if buckets.len() == self.config.ae_buckets_per_round_max {
                         // More may differ: come back to this partition.
-                        self.peers[peer].urgent.insert(partition);
+                        self.peers[peer].urgent.insert(Work::Compare(partition));
                     }
                     self.send_or_defer(
                         peer,
@@ -1307,7 +1860,7 @@ impl ReplicatorCore {
                     .collect();
                 let max = self.config.ae_keys_per_round_max;
                 if pull.len() > max || push.len() > max {
-                    self.peers[peer].urgent.insert(partition);
+                    self.peers[peer].urgent.insert(Work::Compare(partition));
                     pull.truncate(max);
                     push.truncate(max);
                 }
@@ -1315,17 +1868,18 @@ impl ReplicatorCore {
                     self.stats.ae_rounds += 1;
                     Round::Idle
                 } else {
-                    let remote: BTreeMap<String, u64> = pull
-                        .iter()
-                        .filter_map(|k| theirs.get(k.as_str()).map(|h| (k.clone(), *h)))
-                        .collect();
+                    let remote = ids_of(
+                        pull.iter()
+                            .filter_map(|k| theirs.get(k.as_str()).map(|h| (k.as_str(), *h))),
+                    );
+                    let work = Work::Compare(partition);
                     if pull.is_empty() {
                         out.push(self.local(
                             LocalOp::States { keys: push.clone() },
                             Purpose::LocalStates { peer },
                         ));
                         Round::Exchange {
-                            partition,
+                            work,
                             remote,
                             push,
                             pulled: Some(()),
@@ -1339,7 +1893,7 @@ impl ReplicatorCore {
                             out,
                         );
                         Round::Exchange {
-                            partition,
+                            work,
                             remote,
                             push,
                             pulled: None,
@@ -1382,6 +1936,11 @@ impl ReplicatorCore {
         loop {
             let p = &self.peers[peer];
             if p.in_flight >= self.config.requests_in_flight_max {
+                return;
+            }
+            // With a single slot, a round reading its summary is about to send its opening
+            // request: the poll (held by the peer) would keep it waiting.
+            if self.config.requests_in_flight_max <= 1 && matches!(p.round, Round::Summary { .. }) {
                 return;
             }
             let (request, purpose) = match p.stream {
@@ -1439,6 +1998,63 @@ impl ReplicatorCore {
         }
     }
 
+    /// How many partitions a sweep round reconciles: as many as hold about
+    /// `ae_items_per_round` keys, by the last listing, up to a sixteenth of them; one before
+    /// any listing.
+    fn sweep_width(&self) -> u16 {
+        let partitions = self.config.partitions.max(1);
+        match self.items_per_partition {
+            None => 1,
+            Some(per_partition) => {
+                let width = self.config.ae_items_per_round / per_partition.max(1) as usize;
+                u16::try_from(width)
+                    .unwrap_or(u16::MAX)
+                    .clamp(1, (partitions / SWEEP_RANGES_MIN).max(1))
+            }
+        }
+    }
+
+    /// The sweep's ranges of partitions at the current width.
+    fn sweep_ranges(&self) -> u16 {
+        self.config.partitions.max(1).div_ceil(self.sweep_width())
+    }
+
+    /// Time between two sweep rounds with one peer: all ranges once per
+    /// `anti_entropy_interval_ms`.
+    fn sweep_step_ms(&self) -> u64 {
+        (self.config.anti_entropy_interval_ms / u64::from(self.sweep_ranges())).max(1)
+    }
+
+    /// Whether anti-entropy on `work` with `peer` should wait for the feed: while the poll
+    /// session is not open, or the peer's feed of those partitions has more entries known and
+    /// not applied than one page, the differences are mostly what the feed is about to
+    /// deliver (after a cut heals, say), and a round would ship them twice. It waits only
+    /// while the feed moves on, though: once neither the wait's start nor the feed's last
+    /// step (a session opened, a page applied) is within a request timeout (the feed is
+    /// stuck, or the peer unreachable), anti-entropy goes ahead.
+    fn waits_for_feed(&self, peer: PeerId, work: Work, now_ms: u64) -> bool {
+        let p = &self.peers[peer];
+        let since = p.waiting_since_ms.unwrap_or(now_ms).max(p.fed_ms);
+        if now_ms.saturating_sub(since) > self.config.request_timeout_ms {
+            return false;
+        }
+        if !matches!(p.stream, Stream::Open { .. }) {
+            return true;
+        }
+        let partitions = match work {
+            Work::Reconcile { first, partitions } => first..first.saturating_add(partitions),
+            Work::Compare(partition) => partition..partition.saturating_add(1),
+        };
+        let behind: u64 = p
+            .links
+            .get(usize::from(partitions.start)..usize::from(partitions.end))
+            .unwrap_or_default()
+            .iter()
+            .map(|l| l.head.saturating_sub(l.cursor))
+            .sum();
+        behind > u64::from(self.config.feed_batch_max)
+    }
+
     /// Starts whatever is due: heads polls, anti-entropy rounds.
     fn schedule(&mut self, now_ms: u64, out: &mut Vec<Command>) {
         self.gc_schedule(now_ms, out);
@@ -1453,40 +2069,77 @@ impl ReplicatorCore {
                 };
                 out.push(self.send(peer, request, purpose));
             }
-            // Anti-entropy: urgent partitions first, then the periodic sweep. A round starts
+            // Anti-entropy: urgent work first, then the periodic sweep. A round starts
             // before the polls take a slot: with a single slot, the poll (sent again as soon as
             // it is answered, then held by the peer) would otherwise keep it from ever starting.
             let p = &self.peers[peer];
             if matches!(p.round, Round::Idle) && p.in_flight < self.config.requests_in_flight_max {
-                let partition = if let Some(&urgent) = p.urgent.iter().next() {
-                    self.peers[peer].urgent.remove(&urgent);
+                let urgent = p.urgent.iter().next().copied();
+                let work = if let Some(urgent) = urgent {
                     Some(urgent)
                 } else if p.next_sweep_ms <= now_ms {
-                    let partition = p.next_sweep_partition;
-                    let p = &mut self.peers[peer];
-                    p.next_sweep_partition = (partition + 1) % self.config.partitions.max(1);
-                    p.next_sweep_ms = now_ms
-                        + (self.config.anti_entropy_interval_ms
-                            / u64::from(self.config.partitions.max(1)))
-                        .max(1);
-                    Some(partition)
+                    let partitions = self.config.partitions.max(1);
+                    let first = p.next_sweep_partition.min(partitions - 1);
+                    let width = self.sweep_width().min(partitions - first);
+                    Some(Work::Reconcile {
+                        first,
+                        partitions: width,
+                    })
                 } else {
                     None
                 };
-                if let Some(partition) = partition {
-                    self.peers[peer].round = Round::Digest {
-                        partition,
-                        remote: None,
-                        local: None,
-                    };
-                    out.push(self.send(
-                        peer,
-                        Request::Digest { partition },
-                        Purpose::RemoteDigest { peer },
-                    ));
-                    out.push(
-                        self.local(LocalOp::Digest { partition }, Purpose::LocalDigest { peer }),
-                    );
+                let waits = work.is_some_and(|w| self.waits_for_feed(peer, w, now_ms));
+                let p = &mut self.peers[peer];
+                p.waiting_since_ms = if waits {
+                    Some(p.waiting_since_ms.unwrap_or(now_ms))
+                } else {
+                    None
+                };
+                let work = work.filter(|_| !waits);
+                match (work, urgent) {
+                    (Some(work), Some(urgent)) if work == urgent => {
+                        self.peers[peer].urgent.remove(&urgent);
+                    }
+                    (Some(Work::Reconcile { first, partitions }), _) => {
+                        let step = self.sweep_step_ms();
+                        let total = self.config.partitions.max(1);
+                        let p = &mut self.peers[peer];
+                        p.next_sweep_partition = if first + partitions >= total {
+                            0
+                        } else {
+                            first + partitions
+                        };
+                        p.next_sweep_ms = now_ms + step;
+                    }
+                    _ => {}
+                }
+                match work {
+                    Some(Work::Reconcile { first, partitions }) => {
+                        self.peers[peer].round = Round::Summary { first, partitions };
+                        out.push(self.local(
+                            LocalOp::Summary { first, partitions },
+                            Purpose::LocalSummary { peer },
+                        ));
+                    }
+                    Some(Work::Compare(partition)) => {
+                        self.peers[peer].round = Round::Digest {
+                            partition,
+                            remote: None,
+                            local: None,
+                        };
+                        out.push(self.send(
+                            peer,
+                            Request::Digest { partition },
+                            Purpose::RemoteDigest { peer },
+                        ));
+                        out.push(
+                            self.local(
+                                LocalOp::Digest { partition },
+                                Purpose::LocalDigest { peer },
+                            ),
+                        );
+                    }
+                    None => {}
                 }
             }
             self.send_polls(peer, now_ms, out);

@@ -3,8 +3,10 @@
 //! Carries each region's writes to every other region and repairs what was missed.
 //!
 //! - [`core`]: the protocol as a pure state machine (`handle(now, Event) -> Vec<Command>`):
-//!   feed shipping with per-(peer, partition) cursors, anti-entropy over digests, lag
-//!   accounting. No I/O, no clock reads, no awaiting.
+//!   feed shipping with per-(peer, partition) cursors, anti-entropy by set reconciliation
+//!   (falling back to digests for large divergences), lag accounting. No I/O, no clock reads,
+//!   no awaiting.
+//! - [`iblt`]: rateless set reconciliation, the coded symbols anti-entropy exchanges.
 //! - [`wire`]: the requests and responses replicators exchange.
 //! - [`serve`]: the store-facing half: answering a peer, carrying out a core's local operation.
 //! - [`driver`]: the async runtime for production and tests ([`driver::Replicator`] over a
@@ -56,5 +58,6 @@
 
 pub mod core;
 pub mod driver;
+pub mod iblt;
 pub mod serve;
 pub mod wire;

@@ -17,6 +17,19 @@
 //! An answer can be lost after the session recorded it as sent. The puller notices (the
 //! poll times out, or a later page starts past what it received) and opens a new session at
 //! the cursors it holds, so nothing is skipped; see [`crate::core`].
+//!
+//! ## Reconciliation snapshots
+//! Anti-entropy reconciles a range of partitions by coded symbols ([`crate::iblt`]) asked
+//! for in batches ([`Request::Reconcile`], then [`Request::Symbols`]), then fetches states by
+//! item id ([`Request::Fetch`]). Every batch must describe the same set, or the puller's
+//! decoding fails, while writes keep changing the store. So the first batch takes a
+//! *snapshot* of the range's items (id and key, sorted by id) and the later requests name it
+//! by its summary (the XOR of its ids, which is also symbol 0's id sum). Snapshots are soft
+//! state like sessions: a bounded table ([`ServeLimits::snapshots_max`] snapshots of at most
+//! [`ServeLimits::snapshot_items_max`] items in all), least recently used forgotten first,
+//! shared by every puller. A request for a snapshot that is gone is served from a fresh
+//! listing if the range has not changed since (same summary), and answered
+//! [`Response::Changed`] otherwise.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,6 +40,7 @@ use geostate_crdt::envelope::{self, Limits, Options};
 use geostate_crdt::Crdt;
 
 use crate::core::{LocalOp, LocalResult};
+use crate::iblt::{self, item_id};
 use crate::wire::{Page, Request, Response, WireEntry};
 
 /// Bounds on what one request may ask of the serving store, and on what it remembers.
@@ -40,6 +54,19 @@ pub struct ServeLimits {
     pub keys_max: usize,
     /// Most poll sessions remembered (the least recently used is forgotten first).
     pub sessions_max: usize,
+    /// Most coded symbols per reconciliation request (a puller asks for at most its
+    /// `CoreConfig::ae_symbols_per_round_max` in all).
+    pub symbols_max: u32,
+    /// Most partitions per reconciliation request: each differing one is listed, one
+    /// `bucket_entries` call per bucket. Pullers size their ranges by keys
+    /// (`CoreConfig::ae_items_per_round`), up to every partition; a lower limit here makes
+    /// their wider rounds fail.
+    pub reconcile_partitions_max: u16,
+    /// Most reconciliation snapshots remembered (the least recently used is forgotten first).
+    pub snapshots_max: usize,
+    /// Most items in all remembered snapshots together; a larger listing is used for its
+    /// request and not remembered.
+    pub snapshot_items_max: usize,
 }
 
 impl Default for ServeLimits {
@@ -49,6 +76,10 @@ impl Default for ServeLimits {
             buckets_max: 4_096,
             keys_max: 4_096,
             sessions_max: 256,
+            symbols_max: 16_384,
+            reconcile_partitions_max: geostate_backends::Layout::PARTITIONS_MAX,
+            snapshots_max: 64,
+            snapshot_items_max: 1 << 21,
         }
     }
 }
@@ -90,6 +121,72 @@ impl Session {
     }
 }
 
+/// The items of a range of partitions at one moment: `(id, key)` sorted by id.
+#[derive(Debug)]
+struct Snapshot {
+    first: u16,
+    partitions: u16,
+    /// XOR of the ids.
+    summary: u64,
+    items: Arc<Vec<(u64, String)>>,
+    touched: u64,
+}
+
+#[derive(Debug, Default)]
+struct Snapshots {
+    touches: u64,
+    items: usize,
+    table: Vec<Snapshot>,
+}
+
+impl Snapshots {
+    fn get(
+        &mut self,
+        first: u16,
+        partitions: u16,
+        summary: u64,
+    ) -> Option<Arc<Vec<(u64, String)>>> {
+        self.touches += 1;
+        let touched = self.touches;
+        let s = self
+            .table
+            .iter_mut()
+            .find(|s| s.first == first && s.partitions == partitions && s.summary == summary)?;
+        s.touched = touched;
+        Some(Arc::clone(&s.items))
+    }
+
+    fn put(&mut self, snapshot: Snapshot, limits: &ServeLimits) {
+        if snapshot.items.len() > limits.snapshot_items_max || limits.snapshots_max == 0 {
+            return;
+        }
+        if self
+            .get(snapshot.first, snapshot.partitions, snapshot.summary)
+            .is_some()
+        {
+            return;
+        }
+        self.items += snapshot.items.len();
+        self.table.push(Snapshot {
+            touched: self.touches,
+            ..snapshot
+        });
+        while self.table.len() > limits.snapshots_max || self.items > limits.snapshot_items_max {
+            let Some(oldest) = self
+                .table
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, s)| s.touched)
+                .map(|(i, _)| i)
+            else {
+                break;
+            };
+            let gone = self.table.swap_remove(oldest);
+            self.items -= gone.items.len();
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Sessions {
     next_id: u64,
@@ -126,6 +223,7 @@ pub struct Server<B> {
     backend: Arc<B>,
     limits: ServeLimits,
     sessions: Mutex<Sessions>,
+    snapshots: Mutex<Snapshots>,
 }
 
 fn failed(e: impl std::fmt::Display) -> Response {
@@ -174,6 +272,7 @@ impl<B: StateBackend> Server<B> {
                 touches: 0,
                 table: BTreeMap::new(),
             }),
+            snapshots: Mutex::new(Snapshots::default()),
         }
     }
 
@@ -185,6 +284,73 @@ impl<B: StateBackend> Server<B> {
     /// How many poll sessions are remembered.
     pub fn sessions(&self) -> usize {
         self.lock().table.len()
+    }
+
+    /// How many reconciliation snapshots are remembered.
+    pub fn snapshots(&self) -> usize {
+        self.lock_snapshots().table.len()
+    }
+
+    fn lock_snapshots(&self) -> MutexGuard<'_, Snapshots> {
+        // Every step leaves the table consistent, as for sessions.
+        self.snapshots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Checks a partition range of a reconciliation request; `Some(answer)` if it is refused.
+    fn check_scope(&self, first: u16, partitions: u16) -> Option<Response> {
+        let total = self.backend.layout().partitions();
+        if partitions == 0
+            || partitions > self.limits.reconcile_partitions_max
+            || u32::from(first) + u32::from(partitions) > u32::from(total)
+        {
+            return Some(failed(format!(
+                "partitions {first}..+{partitions} out of range (0..{total}, at most {} at once)",
+                self.limits.reconcile_partitions_max
+            )));
+        }
+        None
+    }
+
+    /// The snapshot of `[first, first + partitions)` whose summary is `summary`: remembered,
+    /// or listed now if the partitions still hold it. `None` if they changed since.
+    async fn snapshot(
+        &self,
+        first: u16,
+        partitions: u16,
+        summary: u64,
+    ) -> Result<Option<Arc<Vec<(u64, String)>>>, BackendError> {
+        let remembered = self.lock_snapshots().get(first, partitions, summary);
+        if let Some(items) = remembered {
+            return Ok(Some(items));
+        }
+        let (items, listed) = self.take_snapshot(first, partitions).await?;
+        Ok((listed == summary).then_some(items))
+    }
+
+    /// Lists `[first, first + partitions)` now and remembers the listing; returns it and its
+    /// summary.
+    async fn take_snapshot(
+        &self,
+        first: u16,
+        partitions: u16,
+    ) -> Result<(Arc<Vec<(u64, String)>>, u64), BackendError> {
+        let mut items = list_items(self.backend.as_ref(), first, partitions).await?;
+        items.sort_unstable();
+        let summary = items.iter().fold(0, |acc, (id, _)| acc ^ id);
+        let items = Arc::new(items);
+        self.lock_snapshots().put(
+            Snapshot {
+                first,
+                partitions,
+                summary,
+                items: Arc::clone(&items),
+                touched: 0,
+            },
+            &self.limits,
+        );
+        Ok((items, summary))
     }
 
     fn lock(&self) -> MutexGuard<'_, Sessions> {
@@ -239,6 +405,89 @@ impl<B: StateBackend> Server<B> {
                     entries: wire_entries(page)?,
                     first_seq,
                     last_seq,
+                }
+            }
+            Request::Reconcile {
+                first,
+                partitions,
+                summary,
+                symbols,
+            } => {
+                if let Some(refused) = self.check_scope(*first, *partitions) {
+                    return Ok(refused);
+                }
+                if *symbols == 0 || *symbols > limits.symbols_max {
+                    return Ok(failed("symbols asked out of range"));
+                }
+                let ours = summary_of(backend, *first, *partitions).await?;
+                if ours == *summary {
+                    return Ok(Response::Reconciled);
+                }
+                let remembered = self.lock_snapshots().get(*first, *partitions, ours);
+                let items = match remembered {
+                    Some(items) => items,
+                    None => self.take_snapshot(*first, *partitions).await?.0,
+                };
+                Response::Symbols {
+                    symbols: iblt::encode(items.iter().map(|(id, _)| *id), 0, *symbols as usize),
+                }
+            }
+            Request::Symbols {
+                first,
+                partitions,
+                snapshot,
+                from,
+                count,
+            } => {
+                if let Some(refused) = self.check_scope(*first, *partitions) {
+                    return Ok(refused);
+                }
+                if *count == 0 || *count > limits.symbols_max {
+                    return Ok(failed("symbols asked out of range"));
+                }
+                match self.snapshot(*first, *partitions, *snapshot).await? {
+                    Some(items) => Response::Symbols {
+                        symbols: iblt::encode(
+                            items.iter().map(|(id, _)| *id),
+                            u64::from(*from),
+                            *count as usize,
+                        ),
+                    },
+                    None => Response::Changed,
+                }
+            }
+            Request::Fetch {
+                first,
+                partitions,
+                snapshot,
+                ids,
+            } => {
+                if let Some(refused) = self.check_scope(*first, *partitions) {
+                    return Ok(refused);
+                }
+                if ids.len() > limits.keys_max {
+                    return Ok(failed("too many ids in one request"));
+                }
+                let remembered = self.lock_snapshots().get(*first, *partitions, *snapshot);
+                let items = match remembered {
+                    Some(items) => items,
+                    // Gone: the ids of keys not written since are still in a new listing.
+                    None => self.take_snapshot(*first, *partitions).await?.0,
+                };
+                let mut keys: Vec<String> = ids
+                    .iter()
+                    .filter_map(|id| {
+                        let at = items.partition_point(|(i, _)| i < id);
+                        items
+                            .get(at)
+                            .filter(|(i, _)| i == id)
+                            .map(|(_, key)| key.clone())
+                    })
+                    .collect();
+                keys.sort_unstable();
+                keys.dedup();
+                Response::States {
+                    states: states(backend, keys).await?,
                 }
             }
             Request::Digest { partition } => Response::Digest {
@@ -474,6 +723,52 @@ async fn bucket_entries<B: StateBackend>(
     Ok(entries)
 }
 
+/// The XOR of the digest buckets of `[first, first + partitions)`: the XOR of their items'
+/// ids ([`item_id`]).
+async fn summary_of<B: StateBackend>(
+    backend: &B,
+    first: u16,
+    partitions: u16,
+) -> Result<u64, BackendError> {
+    let mut summary = 0;
+    for partition in scope(backend, first, partitions)? {
+        summary ^= backend.digest(partition).await?.summary();
+    }
+    Ok(summary)
+}
+
+/// The partitions `[first, first + partitions)`, checked against the layout.
+fn scope<B: StateBackend>(
+    backend: &B,
+    first: u16,
+    partitions: u16,
+) -> Result<std::ops::Range<u16>, BackendError> {
+    let end = u32::from(first) + u32::from(partitions);
+    if end > u32::from(backend.layout().partitions()) {
+        return Err(BackendError::InvalidArgument(format!(
+            "partitions {first}..{end} out of range"
+        )));
+    }
+    Ok(first..first + partitions)
+}
+
+/// `(item id, key)` of every key of `[first, first + partitions)`, bucket by bucket.
+async fn list_items<B: StateBackend>(
+    backend: &B,
+    first: u16,
+    partitions: u16,
+) -> Result<Vec<(u64, String)>, BackendError> {
+    let mut items = Vec::new();
+    for partition in scope(backend, first, partitions)? {
+        for bucket in 0..backend.layout().buckets() {
+            for (key, hash) in backend.bucket_entries(partition, bucket).await? {
+                items.push((item_id(&key, hash), key.as_str().to_string()));
+            }
+        }
+    }
+    Ok(items)
+}
+
 /// The envelopes of `keys`; `None` for a key that is absent or that this store cannot read
 /// (a corrupt value is never offered; the other side keeps its own).
 async fn states<B: StateBackend>(
@@ -578,6 +873,14 @@ async fn execute_inner<B: StateBackend>(
             LocalResult::Buckets(bucket_entries(backend, partition, buckets).await?)
         }
         LocalOp::States { keys } => LocalResult::States(states(backend, keys).await?),
+        LocalOp::Summary { first, partitions } => {
+            LocalResult::Summary(summary_of(backend, first, partitions).await?)
+        }
+        LocalOp::Items { first, partitions } => {
+            let mut items = list_items(backend, first, partitions).await?;
+            items.sort_unstable();
+            LocalResult::Items(items)
+        }
         LocalOp::Tombstones {
             partition,
             after,

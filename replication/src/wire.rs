@@ -5,6 +5,46 @@
 use geostate_crdt::{ActorId, Hlc};
 use serde::{Deserialize, Serialize};
 
+use crate::iblt::{Symbol, SYMBOL_WIRE_BYTES};
+
+/// Fixed-width (8 bytes, little endian) encoding of one `u64` hash: the payload codec writes
+/// integers as variable-length, where a random 64-bit hash takes 9 bytes.
+mod fixed_u64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(value: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+        serde::Serialize::serialize(&value.to_le_bytes(), serializer)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+        <[u8; 8]>::deserialize(deserializer).map(u64::from_le_bytes)
+    }
+}
+
+/// [`fixed_u64`] for a list of hashes (item ids).
+mod fixed_u64s {
+    use serde::ser::SerializeSeq;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        values: &[u64],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(values.len()))?;
+        for value in values {
+            seq.serialize_element(&value.to_le_bytes())?;
+        }
+        seq.end()
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<u64>, D::Error> {
+        let raw = Vec::<[u8; 8]>::deserialize(deserializer)?;
+        Ok(raw.into_iter().map(u64::from_le_bytes).collect())
+    }
+}
+
 /// What a puller asks a peer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -76,6 +116,56 @@ pub enum Request {
     Purge {
         /// `(key, value hash)` pairs.
         keys: Vec<(String, u64)>,
+    },
+    /// Opens a set reconciliation of the partitions `[first, first + partitions)` (see
+    /// [`crate::iblt`]): if the peer's summary of them (the XOR of their digest buckets)
+    /// equals `summary`, it answers [`Response::Reconciled`]; otherwise it takes a snapshot of
+    /// their items and answers with its first `symbols` coded symbols
+    /// ([`Response::Symbols`]). Symbol 0's id sum is the snapshot's summary, which names it in
+    /// the requests that follow.
+    Reconcile {
+        /// The first partition.
+        first: u16,
+        /// How many partitions.
+        partitions: u16,
+        /// The puller's summary of them.
+        #[serde(with = "fixed_u64")]
+        summary: u64,
+        /// Symbols wanted if the summaries differ.
+        symbols: u32,
+    },
+    /// More coded symbols, `[from, from + count)`, of the snapshot `snapshot` of the partitions
+    /// `[first, first + partitions)`. Answer: [`Response::Symbols`], or
+    /// [`Response::Changed`] if the peer no longer holds the snapshot and the partitions
+    /// changed since.
+    Symbols {
+        /// The first partition.
+        first: u16,
+        /// How many partitions.
+        partitions: u16,
+        /// The snapshot: its summary, symbol 0's id sum.
+        #[serde(with = "fixed_u64")]
+        snapshot: u64,
+        /// The first symbol wanted.
+        from: u32,
+        /// How many symbols.
+        count: u32,
+    },
+    /// The full states of the keys whose item ids (in the snapshot `snapshot` of the
+    /// partitions `[first, first + partitions)`, or in their current listing if the peer no
+    /// longer holds it) are `ids`. Answer: [`Response::States`], leaving out ids it does not
+    /// know.
+    Fetch {
+        /// The first partition.
+        first: u16,
+        /// How many partitions.
+        partitions: u16,
+        /// The snapshot the ids were decoded from.
+        #[serde(with = "fixed_u64")]
+        snapshot: u64,
+        /// The item ids.
+        #[serde(with = "fixed_u64s")]
+        ids: Vec<u64>,
     },
 }
 
@@ -197,10 +287,23 @@ pub enum Response {
         /// Why.
         reason: String,
     },
+    /// The summaries of a [`Request::Reconcile`] match: nothing differs.
+    Reconciled,
+    /// Coded symbols, in order from the first asked.
+    Symbols {
+        /// The symbols.
+        symbols: Vec<Symbol>,
+    },
+    /// The snapshot a [`Request::Symbols`] named is gone and the partitions have changed
+    /// since: the puller starts its reconciliation again.
+    Changed,
 }
 
 impl Request {
-    /// Approximate size on the wire, in bytes (for accounting; no encoding is done).
+    /// Approximate size on the wire, in bytes (for accounting; no encoding is done). Exact
+    /// for the set-reconciliation requests ([`Request::Reconcile`], [`Request::Symbols`],
+    /// [`Request::Fetch`]): their encoding with [`geostate_crdt::record`] is one format-version
+    /// byte longer.
     pub fn wire_bytes(&self) -> usize {
         1 + match self {
             Request::Heads { after, poll, .. } => {
@@ -213,6 +316,30 @@ impl Request {
                     }
             }
             Request::Feed { .. } => 2 + 8 + 4,
+            Request::Reconcile {
+                first,
+                partitions,
+                symbols,
+                ..
+            } => scope_len(*first, *partitions) + 8 + varint_len(u64::from(*symbols)),
+            Request::Symbols {
+                first,
+                partitions,
+                from,
+                count,
+                ..
+            } => {
+                scope_len(*first, *partitions)
+                    + 8
+                    + varint_len(u64::from(*from))
+                    + varint_len(u64::from(*count))
+            }
+            Request::Fetch {
+                first,
+                partitions,
+                ids,
+                ..
+            } => scope_len(*first, *partitions) + 8 + varint_len(ids.len() as u64) + 8 * ids.len(),
             Request::Digest { .. } => 2,
             Request::Buckets { buckets, .. } => 2 + 2 + 2 * buckets.len(),
             Request::States { keys } => 2 + keys.iter().map(|k| 2 + k.len()).sum::<usize>(),
@@ -230,6 +357,11 @@ impl Request {
             Request::Purge { keys } => 2 + keys.iter().map(|(k, _)| 2 + k.len() + 8).sum::<usize>(),
         }
     }
+}
+
+/// Bytes of a partition range as the payload codec writes it.
+fn scope_len(first: u16, partitions: u16) -> usize {
+    varint_len(u64::from(first)) + varint_len(u64::from(partitions))
 }
 
 /// Bytes of `n` as the payload codec writes it (bincode's variable-length integers).
@@ -264,12 +396,18 @@ impl Response {
         matches!(self, Response::Heads { pages } if pages.is_empty())
     }
 
-    /// Approximate size on the wire, in bytes (for accounting; no encoding is done).
+    /// Approximate size on the wire, in bytes (for accounting; no encoding is done). Exact
+    /// for [`Response::Reconciled`], [`Response::Symbols`] and [`Response::Changed`]: their
+    /// encoding with [`geostate_crdt::record`] is one format-version byte longer.
     pub fn wire_bytes(&self) -> usize {
         1 + match self {
             Response::Heads { pages } => pages_bytes(pages),
             Response::Opened { pages, .. } => 8 + pages_bytes(pages),
             Response::Feed { entries, .. } => 16 + entries_bytes(entries),
+            Response::Reconciled | Response::Changed => 0,
+            Response::Symbols { symbols } => {
+                varint_len(symbols.len() as u64) + SYMBOL_WIRE_BYTES * symbols.len()
+            }
             Response::Digest { buckets } => 2 + 8 * buckets.len(),
             Response::Buckets { entries } => {
                 4 + entries.iter().map(|(k, _)| 2 + k.len() + 8).sum::<usize>()

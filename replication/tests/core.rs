@@ -13,6 +13,7 @@ use geostate_crdt::{ActorId, CounterOp, Hlc, Op};
 use geostate_replication::core::{
     Command, CommandId, CoreConfig, Event, LocalOp, LocalResult, PeerId, ReplicatorCore,
 };
+use geostate_replication::iblt::{self, Symbol};
 use geostate_replication::serve::{execute, ServeLimits, Server};
 use geostate_replication::wire::{Page, Request, Response, WireEntry};
 use proptest::prelude::*;
@@ -24,7 +25,11 @@ use proptest::test_runner::{Config as ProptestConfig, FileFailurePersistence, Rn
 
 /// Four partitions, small limits, one poll out per peer, and no periodic sweep (tests that
 /// want more polls or a sweep ask for them). A peer may hold a poll for 500 ms, so a poll
-/// times out after 1.5 s and any other request (an opening poll too) after 1 s.
+/// times out after 1.5 s and any other request (an opening poll too) after 1 s. Anti-entropy
+/// reconciles one partition per round and asks for one symbol at most, so that a round whose
+/// first symbol does not decode goes to the bucket-by-bucket comparison at once (the tests of
+/// that comparison get there with [`fall_back_to_compare`]; the reconciliation's own tests use
+/// [`reconcile_config`]).
 fn config() -> CoreConfig {
     CoreConfig {
         partitions: 4,
@@ -36,6 +41,9 @@ fn config() -> CoreConfig {
         retry_backoff_ms: 100,
         retry_backoff_max_ms: 800,
         anti_entropy_interval_ms: 4_000_000_000,
+        ae_items_per_round: 0,
+        ae_symbols_first: 1,
+        ae_symbols_per_round_max: 1,
         ae_buckets_per_round_max: 64,
         ae_keys_per_round_max: 1_024,
         // Garbage collection has its own tests (gc.rs).
@@ -419,7 +427,10 @@ fn has_ae(commands: &[Command]) -> bool {
     sends(commands).iter().any(|(_, _, r)| {
         matches!(
             r,
-            Request::Digest { .. }
+            Request::Reconcile { .. }
+                | Request::Symbols { .. }
+                | Request::Fetch { .. }
+                | Request::Digest { .. }
                 | Request::Buckets { .. }
                 | Request::States { .. }
                 | Request::Push { .. }
@@ -427,7 +438,9 @@ fn has_ae(commands: &[Command]) -> bool {
     }) || locals(commands).iter().any(|(_, op)| {
         matches!(
             op,
-            LocalOp::Digest { .. }
+            LocalOp::Summary { .. }
+                | LocalOp::Items { .. }
+                | LocalOp::Digest { .. }
                 | LocalOp::Buckets { .. }
                 | LocalOp::States { .. }
                 | LocalOp::MergeStates { .. }
@@ -872,22 +885,8 @@ fn a_feed_gap_jumps_the_cursor_and_starts_anti_entropy_at_once() {
         (1, vec![10, 11, 12], 12)
     );
     assert_eq!(h.core.stats().gaps, 1);
-    // Anti-entropy for that partition starts in the same step: remote and local digests.
-    let remote: Vec<u16> = sends(&out)
-        .iter()
-        .filter_map(|(_, _, r)| match r {
-            Request::Digest { partition } => Some(*partition),
-            _ => None,
-        })
-        .collect();
-    let local: Vec<u16> = locals(&out)
-        .iter()
-        .filter_map(|(_, op)| match op {
-            LocalOp::Digest { partition } => Some(*partition),
-            _ => None,
-        })
-        .collect();
-    assert_eq!((remote, local), (vec![1], vec![1]));
+    // Anti-entropy for that partition alone starts in the same step, with our summary of it.
+    assert_eq!(summaries(&out), vec![(1, 1)]);
     h.local(a.id, LocalResult::Applied);
     assert_eq!(h.core.cursor(0, 1), Some(12));
     assert!(!h.core.is_idle(), "the repair is still to do");
@@ -913,14 +912,8 @@ fn a_damaged_entry_is_skipped_and_its_partition_repaired_by_anti_entropy() {
         (h.core.stats().damaged_entries, h.core.stats().gaps),
         (1, 0)
     );
-    let remote: Vec<u16> = sends(&out)
-        .iter()
-        .filter_map(|(_, _, r)| match r {
-            Request::Digest { partition } => Some(*partition),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(remote, vec![1]);
+    // Anti-entropy for that partition alone starts in the same step, with our summary of it.
+    assert_eq!(summaries(&out), vec![(1, 1)]);
     h.local(a.id, LocalResult::Applied);
     assert_eq!(h.core.cursor(0, 1), Some(5));
     // A page of damaged entries alone still moves the cursor (nothing to merge).
@@ -966,9 +959,12 @@ fn a_fully_trimmed_feed_advances_the_cursor_to_its_end() {
     assert!(a.seqs.is_empty());
     assert_eq!(a.advance_to, 20);
     assert_eq!(h.core.stats().gaps, 1);
-    assert!(has_ae(&out));
-    h.local(a.id, LocalResult::Applied);
+    // Sixteen entries past the cursor until the jump is stored: more than a page, so the
+    // repair waits for the feed to catch up (here, for the jump), then starts at once.
+    assert!(!has_ae(&out), "{out:?}");
+    let out = h.local(a.id, LocalResult::Applied);
     assert_eq!(h.core.cursor(0, 2), Some(20));
+    assert_eq!(summaries(&out), vec![(2, 1)]);
 }
 
 #[test]
@@ -986,9 +982,63 @@ fn no_gap_when_the_page_starts_right_after_what_was_received() {
 // Anti-entropy
 // ---------------------------------------------------------------------------------------------
 
+/// `(first, partitions)` of each summary read in `commands`.
+fn summaries(commands: &[Command]) -> Vec<(u16, u16)> {
+    locals(commands)
+        .iter()
+        .filter_map(|(_, op)| match op {
+            LocalOp::Summary { first, partitions } => Some((*first, *partitions)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A symbol that never decodes (its count is 2).
+fn undecodable() -> Symbol {
+    Symbol {
+        count: 2,
+        sum: 5,
+        check: 7,
+    }
+}
+
+/// Plays a reconciliation round that starts in `commands` (our summary is asked) with
+/// [`config`]'s single symbol per round: the summaries differ and the first symbol does not
+/// decode, so the partition goes to the bucket-by-bucket comparison, which starts at once if
+/// a request slot is free. Returns that output.
+fn fall_back_to_compare(h: &mut Harness, commands: &[Command]) -> Vec<Command> {
+    let [(summary, LocalOp::Summary { first, partitions })] = &locals(commands)[..] else {
+        panic!("{commands:?}")
+    };
+    let (first, partitions) = (*first, *partitions);
+    let out = h.local(*summary, LocalResult::Summary(1));
+    let [(reconcile, _, Request::Reconcile { symbols: 1, .. })] = &sends(&out)[..] else {
+        panic!("{out:?}")
+    };
+    let out = h.answer(
+        *reconcile,
+        Response::Symbols {
+            symbols: vec![undecodable()],
+        },
+    );
+    let [(items, LocalOp::Items { .. })] = &locals(&out)[..] else {
+        panic!("{out:?}")
+    };
+    let out = h.local(*items, LocalResult::Items(Vec::new()));
+    assert_eq!(partitions, 1);
+    assert!(
+        h.core.in_flight(0) >= h.config.requests_in_flight_max
+            || sends(&out)
+                .iter()
+                .any(|(_, _, r)| matches!(r, Request::Digest { partition } if *partition == first)),
+        "{out:?}"
+    );
+    out
+}
+
 /// A core with a periodic sweep of one partition per second (4 partitions, 4 s interval)
-/// whose first round (peer 0, partition 0) has just started; returns it with the round's
-/// remote and local digest command ids.
+/// whose first round (peer 0, partition 0) has just started and gone to the bucket-by-bucket
+/// comparison; returns it with the comparison's remote and local digest command ids.
 fn ae_round_started() -> (Harness, CommandId, CommandId) {
     let config = CoreConfig {
         anti_entropy_interval_ms: 4_000,
@@ -1004,6 +1054,8 @@ fn ae_round_started() -> (Harness, CommandId, CommandId) {
     }
     let out = h.run(100);
     assert_eq!(h.now_ms, 1_000);
+    assert_eq!(summaries(&out), vec![(0, 1)]);
+    let out = fall_back_to_compare(&mut h, &out);
     let remote: Vec<(CommandId, u16)> = sends(&out)
         .iter()
         .filter_map(|(id, _, r)| match r {
@@ -1400,6 +1452,58 @@ fn a_round_whose_pulled_keys_vanished_ends_without_merging() {
     assert!(h.core.is_idle());
 }
 
+/// A sweep round waits while the peer's feed of its partitions is more than a page behind
+/// and catching up (the differences are what the feed is about to deliver: after a cut heals,
+/// a round would ship them twice), and starts once the feed has caught up.
+#[test]
+fn anti_entropy_waits_for_a_feed_that_is_catching_up() {
+    let config = CoreConfig {
+        anti_entropy_interval_ms: 4_000,
+        ..config()
+    };
+    let (mut h, out) = Harness::opened(config, vec![vec![0; 4]]);
+    let p = only(polls(&out));
+    // Ten entries of a hundred: ninety behind on partition 0, the sweep's first.
+    h.now_ms = 900;
+    let out = h.answer(p.id, heads(vec![poll_page(0, 1..=10, 1, 100)]));
+    let a = only(applies(&out));
+    let out = h.local(a.id, LocalResult::Applied);
+    let p = only(polls(&out));
+    let out = h.tick(200);
+    assert!(
+        summaries(&out).is_empty(),
+        "the sweep was due at 1 s: {out:?}"
+    );
+    // The rest arrives and is applied: the round starts with the apply.
+    let out = h.answer(p.id, heads(vec![poll_page(0, 11..=100, 1, 100)]));
+    let a = only(applies(&out));
+    let out = h.local(a.id, LocalResult::Applied);
+    assert_eq!(summaries(&out), vec![(0, 1)]);
+}
+
+/// ...but not for a feed that does not move on (stuck, or its peer unreachable): after a
+/// request timeout without progress, the round starts.
+#[test]
+fn anti_entropy_does_not_wait_for_a_stuck_feed() {
+    let config = CoreConfig {
+        anti_entropy_interval_ms: 4_000,
+        ..config()
+    };
+    let (mut h, out) = Harness::opened(config, vec![vec![0; 4]]);
+    let p = only(polls(&out));
+    h.now_ms = 900;
+    let out = h.answer(p.id, heads(vec![poll_page(0, 1..=10, 1, 100)]));
+    // The apply never completes. The sweep is due at 1 s and waits from then on...
+    let _ = only(applies(&out));
+    let out = h.tick(100);
+    assert!(summaries(&out).is_empty(), "{out:?}");
+    let out = h.tick(1_000);
+    assert!(summaries(&out).is_empty(), "{out:?}");
+    // ...for a request timeout.
+    let out = h.tick(1);
+    assert_eq!(summaries(&out), vec![(0, 1)]);
+}
+
 #[test]
 fn a_gap_found_during_a_round_is_repaired_right_after_it() {
     let (mut h, remote, local) = ae_round_started();
@@ -1410,14 +1514,7 @@ fn a_gap_found_during_a_round_is_repaired_right_after_it() {
     assert!(!has_ae(&out), "one round at a time per peer: {out:?}");
     h.answer(remote, Response::Digest { buckets: vec![1] });
     let out = h.local(local, LocalResult::Digest(vec![1]));
-    let digests: Vec<u16> = sends(&out)
-        .iter()
-        .filter_map(|(_, _, r)| match r {
-            Request::Digest { partition } => Some(*partition),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(digests, vec![3], "{out:?}");
+    assert_eq!(summaries(&out), vec![(3, 1)], "{out:?}");
 }
 
 #[test]
@@ -1433,7 +1530,7 @@ fn the_sweep_visits_every_partition_of_every_peer_within_the_interval() {
     let mut visits: BTreeMap<(PeerId, u16), Vec<u64>> = BTreeMap::new();
     let mut pending = commands;
     while h.now_ms <= 2 * interval_ms + 500 {
-        // Answer everything at once (equal digests); polls are answered by quiet peers in
+        // Answer everything at once (equal summaries); polls are answered by quiet peers in
         // `run`.
         while !pending.is_empty() {
             let mut next = Vec::new();
@@ -1441,19 +1538,19 @@ fn the_sweep_visits_every_partition_of_every_peer_within_the_interval() {
                 next.extend(match command {
                     Command::Send { id, peer, request } => match request {
                         Request::Heads { .. } => Vec::new(),
-                        Request::Digest { partition } => {
-                            visits.entry((peer, partition)).or_default().push(h.now_ms);
-                            h.answer(
-                                id,
-                                Response::Digest {
-                                    buckets: vec![5; 4],
-                                },
-                            )
+                        Request::Reconcile {
+                            first,
+                            partitions: 1,
+                            summary: 5,
+                            ..
+                        } => {
+                            visits.entry((peer, first)).or_default().push(h.now_ms);
+                            h.answer(id, Response::Reconciled)
                         }
                         other => panic!("unexpected {other:?}"),
                     },
                     Command::Local { id, op } => match op {
-                        LocalOp::Digest { .. } => h.local(id, LocalResult::Digest(vec![5; 4])),
+                        LocalOp::Summary { .. } => h.local(id, LocalResult::Summary(5)),
                         other => panic!("unexpected {other:?}"),
                     },
                     _ => panic!("unknown command"),
@@ -1808,11 +1905,15 @@ fn an_abandoned_round_does_not_leak_in_flight_slots() {
     );
 }
 
-/// Lets time pass (quiet peers) until an anti-entropy round starts; returns its remote and
+/// Lets time pass (quiet peers) until a bucket-by-bucket comparison starts (a reconciliation
+/// that starts meanwhile goes there, see [`fall_back_to_compare`]); returns its remote and
 /// local digest command ids.
 fn next_round(h: &mut Harness, mut out: Vec<Command>) -> (CommandId, CommandId) {
     let deadline = h.now_ms + 60_000;
     loop {
+        if !summaries(&out).is_empty() {
+            out = fall_back_to_compare(h, &out);
+        }
         let remote = sends(&out)
             .iter()
             .find_map(|(id, _, r)| matches!(r, Request::Digest { .. }).then_some(*id));
@@ -1983,14 +2084,25 @@ fn a_single_in_flight_slot_is_shared_by_polls_and_anti_entropy() {
         ..config()
     };
     let (mut h, _) = Harness::started(config, vec![vec![0; 4]]);
-    // The first sweep is due at 1 s; the poll out then is answered at 1 s (after its wait).
-    let (remote, local) = next_round(&mut h, Vec::new());
+    // The first sweep is due at 1 s; the poll out then is answered at 1 s (after its wait),
+    // and the round reads our summary before any poll takes the slot again.
+    let mut out = Vec::new();
+    while summaries(&out).is_empty() {
+        assert!(h.now_ms < 2_000, "no round starts");
+        out = h.run(50);
+    }
     assert_eq!(h.now_ms, 1_000, "the sweep due at 1 s started late");
+    assert_eq!(h.core.in_flight(0), 0, "no poll took the slot: {out:?}");
+    let [(summary, _)] = locals(&out)[..] else {
+        panic!("{out:?}")
+    };
+    let out = h.local(summary, LocalResult::Summary(5));
+    let (reconcile, _, request) = only(sends(&out));
+    assert!(matches!(request, Request::Reconcile { .. }), "{out:?}");
     assert_eq!(h.core.in_flight(0), 1);
     // And polls resume as soon as the round frees the slot.
-    let out = h.answer(remote, Response::Digest { buckets: vec![5] });
+    let out = h.answer(reconcile, Response::Reconciled);
     assert_eq!(only(polls(&out)).session, h.session(0));
-    h.local(local, LocalResult::Digest(vec![5]));
     assert_eq!(h.core.stats().ae_rounds, 1);
     assert_eq!(h.core.stats().failures, 0);
 }
@@ -2511,6 +2623,11 @@ enum Action {
 const PEERS: usize = 2;
 const PARTITIONS: u16 = 4;
 
+/// The item ids a peer of the property world reconciles with (as it answers with `salt`).
+fn model_set(salt: u8) -> Vec<u64> {
+    vec![11, 22, 30 + u64::from(salt % 2)]
+}
+
 /// Three polls asked for, two allowed (three requests in flight, one kept free).
 fn prop_config() -> CoreConfig {
     CoreConfig {
@@ -2523,6 +2640,9 @@ fn prop_config() -> CoreConfig {
         retry_backoff_ms: 50,
         retry_backoff_max_ms: 400,
         anti_entropy_interval_ms: 2_000,
+        ae_items_per_round: 8,
+        ae_symbols_first: 2,
+        ae_symbols_per_round_max: 8,
         ae_buckets_per_round_max: 2,
         ae_keys_per_round_max: 2,
         gc_interval_ms: 0,
@@ -2904,6 +3024,23 @@ impl World {
                     .collect(),
             },
             Request::Push { .. } => Response::Pushed,
+            // Equal summaries sometimes (always while healing); otherwise symbols of a set
+            // that depends on the salt, so that batches of one round may not agree (a
+            // changed or lying peer), and a forgotten snapshot now and then.
+            Request::Reconcile { symbols, .. } if salt % 3 != 0 => Response::Symbols {
+                symbols: iblt::encode(model_set(salt), 0, *symbols as usize),
+            },
+            Request::Reconcile { .. } => Response::Reconciled,
+            Request::Symbols { .. } if salt % 5 == 4 => Response::Changed,
+            Request::Symbols { from, count, .. } => Response::Symbols {
+                symbols: iblt::encode(model_set(salt), u64::from(*from), *count as usize),
+            },
+            Request::Fetch { ids, .. } => Response::States {
+                states: ids
+                    .iter()
+                    .map(|id| (format!("k{id}"), (salt % 4 != 0).then(|| vec![salt])))
+                    .collect(),
+            },
             _ => panic!("unknown request"),
         }
     }
@@ -2954,6 +3091,16 @@ impl World {
                 LocalResult::Applied
             }
             LocalOp::Digest { .. } => LocalResult::Digest(vec![1, 2, 3, 0]),
+            LocalOp::Summary { .. } => LocalResult::Summary(u64::from(salt)),
+            LocalOp::Items { .. } => {
+                let mut items: Vec<(u64, String)> =
+                    vec![(11, "k11".into()), (40 + u64::from(salt % 3), "k4x".into())];
+                if salt % 2 == 0 {
+                    items.push((22, "k22".into()));
+                }
+                items.sort();
+                LocalResult::Items(items)
+            }
             LocalOp::Buckets { .. } => {
                 LocalResult::Buckets(vec![("b".into(), 1), ("c".into(), u64::from(salt))])
             }

@@ -165,7 +165,7 @@ fn figure_anti_entropy() {
     }
     let stats = core.stats();
     println!(
-        "3. anti-entropy repair of {DIFFERING} of {KEYS} keys (1%): {} bytes shipped by anti-entropy ({} digests/lists/states), differing keys' states {} bytes: {:.2}x",
+        "3. anti-entropy repair of {DIFFERING} of {KEYS} keys (1%): {} bytes shipped by anti-entropy ({} rounds), differing keys' states {} bytes: {:.2}x",
         stats.ae_bytes,
         stats.ae_rounds,
         differing_state_bytes,

@@ -35,10 +35,17 @@
 //! 4. **repair = `P * (3 * (ceil(K / Kr) + ceil(D / Kk)) + 1) * RTT`, only if a feed gap was
 //!    found** (`stats.gaps > 0`: a peer trimmed entries before they were applied). A gap
 //!    queues its partition for anti-entropy, ahead of the periodic sweep. A peer runs one round
-//!    at a time; a round is a digest exchange, a bucket-list exchange and a state exchange
-//!    (pull and push in parallel): three round trips for at most `Kr` buckets and `Kk` keys,
-//!    re-queued until both are covered, then one digest round trip that finds nothing left.
-//!    At most all `P` partitions need it, one after another.
+//!    at a time. A round reconciles the partition by coded symbols: one round trip opens it
+//!    and brings the first symbols, which decode the few keys a gap leaves different in the
+//!    shipped scenarios, then one fetches the peer's states of its differing keys and one
+//!    pushes ours: three round trips for at most `Kk` keys, re-queued until all are covered.
+//!    A partition whose differences need more symbols takes more round trips for them, one
+//!    per batch; one that does not decode within a round's symbols goes to the bucket
+//!    comparison (a digest exchange, a bucket-list exchange and a state exchange per `Kr`
+//!    buckets and `Kk` keys). The budget kept here (that of the bucket comparison alone, plus
+//!    a final digest round trip) covers what the scenarios' gaps need; a run whose repair
+//!    takes longer fails the check rather than passing silently. At most all `P` partitions
+//!    need it, one after another.
 //! 5. **observe = `S`.** Convergence is noticed at the next sample.
 //!
 //! `bound = settle + discover + feed + repair + observe`. The periodic anti-entropy sweep is
