@@ -1531,6 +1531,48 @@ impl ReplicatorCore {
             .clamp(1, self.config.ae_symbols_per_round_max.max(1))
     }
 
+    /// The exchange step of a round: `fetch` pulls the peer's states (`None`: nothing to
+    /// pull), then our states of `push` go out; a round with neither is over.
+    fn start_exchange(
+        &mut self,
+        peer: PeerId,
+        work: Work,
+        remote: BTreeSet<u64>,
+        push: Vec<String>,
+        fetch: Option<Request>,
+        out: &mut Vec<Command>,
+    ) -> Round {
+        match fetch {
+            None if push.is_empty() => {
+                self.stats.ae_rounds += 1;
+                Round::Idle
+            }
+            None => {
+                out.push(self.local(
+                    LocalOp::States { keys: push.clone() },
+                    Purpose::LocalStates { peer },
+                ));
+                Round::Exchange {
+                    work,
+                    remote,
+                    push,
+                    pulled: Some(()),
+                    pushed: None,
+                }
+            }
+            Some(request) => {
+                self.send_or_defer(peer, request, Purpose::RemoteStates { peer }, out);
+                Round::Exchange {
+                    work,
+                    remote,
+                    push,
+                    pulled: None,
+                    pushed: None,
+                }
+            }
+        }
+    }
+
     /// Takes a round's differences (of `partitions` partitions) into the peer's running
     /// count. Rounds that found nothing count too: otherwise the ratio would only see ranges
     /// that differ.
@@ -1723,41 +1765,13 @@ impl ReplicatorCore {
         let differences =
             (decoding.decoder.remote_only().len() + decoding.decoder.local_only().len()) as u64;
         self.record_differences(peer, differences, decoding.partitions);
-        self.peers[peer].round = if pull.is_empty() && push.is_empty() {
-            self.stats.ae_rounds += 1;
-            Round::Idle
-        } else if pull.is_empty() {
-            out.push(self.local(
-                LocalOp::States { keys: push.clone() },
-                Purpose::LocalStates { peer },
-            ));
-            Round::Exchange {
-                work,
-                remote,
-                push,
-                pulled: Some(()),
-                pushed: None,
-            }
-        } else {
-            self.send_or_defer(
-                peer,
-                Request::Fetch {
-                    first: decoding.first,
-                    partitions: decoding.partitions,
-                    snapshot: decoding.snapshot,
-                    ids: pull,
-                },
-                Purpose::RemoteStates { peer },
-                out,
-            );
-            Round::Exchange {
-                work,
-                remote,
-                push,
-                pulled: None,
-                pushed: None,
-            }
-        };
+        let fetch = (!pull.is_empty()).then_some(Request::Fetch {
+            first: decoding.first,
+            partitions: decoding.partitions,
+            snapshot: decoding.snapshot,
+            ids: pull,
+        });
+        self.peers[peer].round = self.start_exchange(peer, work, remote, push, fetch, out);
         true
     }
 
@@ -1864,43 +1878,12 @@ impl ReplicatorCore {
                     pull.truncate(max);
                     push.truncate(max);
                 }
-                if pull.is_empty() && push.is_empty() {
-                    self.stats.ae_rounds += 1;
-                    Round::Idle
-                } else {
-                    let remote = ids_of(
-                        pull.iter()
-                            .filter_map(|k| theirs.get(k.as_str()).map(|h| (k.as_str(), *h))),
-                    );
-                    let work = Work::Compare(partition);
-                    if pull.is_empty() {
-                        out.push(self.local(
-                            LocalOp::States { keys: push.clone() },
-                            Purpose::LocalStates { peer },
-                        ));
-                        Round::Exchange {
-                            work,
-                            remote,
-                            push,
-                            pulled: Some(()),
-                            pushed: None,
-                        }
-                    } else {
-                        self.send_or_defer(
-                            peer,
-                            Request::States { keys: pull },
-                            Purpose::RemoteStates { peer },
-                            out,
-                        );
-                        Round::Exchange {
-                            work,
-                            remote,
-                            push,
-                            pulled: None,
-                            pushed: None,
-                        }
-                    }
-                }
+                let remote = ids_of(
+                    pull.iter()
+                        .filter_map(|k| theirs.get(k.as_str()).map(|h| (k.as_str(), *h))),
+                );
+                let fetch = (!pull.is_empty()).then_some(Request::States { keys: pull });
+                self.start_exchange(peer, Work::Compare(partition), remote, push, fetch, out)
             }
             Round::Exchange {
                 pulled: Some(()),

@@ -672,6 +672,18 @@ struct Prepared {
     tombstone: bool,
 }
 
+impl Prepared {
+    /// What the write cache records of the new value: its envelope's length, its entry hash
+    /// and its envelope's SHA-256.
+    fn fingerprint(&self) -> (usize, u64, EnvelopeHash) {
+        (
+            self.envelope.len(),
+            self.entry_hash,
+            envelope_hash(&self.envelope),
+        )
+    }
+}
+
 /// The change-feed part of a local write.
 struct FeedRow {
     delta: Vec<u8>,
@@ -734,6 +746,17 @@ struct Base {
     floor: Option<FloorSeen>,
     /// Whether it came from the write cache (then only a write may come of it).
     cached: bool,
+}
+
+impl Base {
+    /// What an optimistic commit from this base expects the key to hold.
+    fn old(&self) -> Option<Old> {
+        self.current.as_ref().map(|(version, seen)| Old {
+            version: *version,
+            entry_hash: seen.entry_hash,
+            envelope_hash: Some(seen.envelope_hash),
+        })
+    }
 }
 
 /// What a local write computed from a [`Base`] comes to.
@@ -1225,11 +1248,7 @@ impl Shared {
             entry_hash: row.entry_hash,
             envelope_hash: None,
         });
-        let (len, new_hash, new_sha) = (
-            prepared.envelope.len(),
-            prepared.entry_hash,
-            envelope_hash(&prepared.envelope),
-        );
+        let (len, new_hash, new_sha) = prepared.fingerprint();
         let (version, seq) = self
             .store_locked(tx, key, old, prepared, Some(feed), floor_epoch)
             .await?;
@@ -1290,11 +1309,7 @@ impl Shared {
             entry_hash: row.entry_hash,
             envelope_hash: None,
         });
-        let (len, new_hash, new_sha) = (
-            prepared.envelope.len(),
-            prepared.entry_hash,
-            envelope_hash(&prepared.envelope),
-        );
+        let (len, new_hash, new_sha) = prepared.fingerprint();
         let (version, _) = self
             .store_locked(tx, key, old, prepared, None, None)
             .await?;
@@ -1436,16 +1451,8 @@ impl Shared {
                 Ok(Plan::Answer(receipt)) => return Ok(Optimistic::Done(receipt)),
                 Err(e) => return Err(Attempt::Fail(e)),
             };
-            let old = base.current.as_ref().map(|(version, seen)| Old {
-                version: *version,
-                entry_hash: seen.entry_hash,
-                envelope_hash: Some(seen.envelope_hash),
-            });
-            let (len, new_hash, new_sha) = (
-                prepared.envelope.len(),
-                prepared.entry_hash,
-                envelope_hash(&prepared.envelope),
-            );
+            let old = base.old();
+            let (len, new_hash, new_sha) = prepared.fingerprint();
             let conn = slot.get().await?;
             let stored = self
                 .store(
@@ -1530,16 +1537,8 @@ impl Shared {
                 }
                 Err(e) => return Err(Attempt::Fail(e)),
             };
-            let old = base.current.as_ref().map(|(version, seen)| Old {
-                version: *version,
-                entry_hash: seen.entry_hash,
-                envelope_hash: Some(seen.envelope_hash),
-            });
-            let (len, new_hash, new_sha) = (
-                prepared.envelope.len(),
-                prepared.entry_hash,
-                envelope_hash(&prepared.envelope),
-            );
+            let old = base.old();
+            let (len, new_hash, new_sha) = prepared.fingerprint();
             let conn = slot.get().await?;
             return match self.store(conn, key, old, true, prepared, None, None).await {
                 Ok(Some((version, _))) => {
