@@ -336,6 +336,129 @@ async fn the_write_cache_saves_reads_and_a_stale_entry_costs_only_a_race() {
     a.purge_namespace().await.unwrap();
 }
 
+/// Group commit: single writes from many tasks at once ride shared write script calls (fewer
+/// calls than commits), lose nothing and mint nothing twice; callers that give up while their
+/// write is queued or in flight (a zero timeout) never make the others' writes fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_single_writes_are_grouped_and_lose_nothing() {
+    use geostate_backends::{Key, StateBackend};
+    use std::sync::Arc;
+
+    const TASKS: u64 = 48;
+    const WRITES: u64 = 40;
+    const KEYS: u64 = 16;
+    let ns = Namespace::new(shared_server(), "group");
+    let b = Arc::new(connect(ns.config(Layout::default())).await);
+    let keys: Arc<Vec<Key>> = Arc::new(
+        (0..KEYS)
+            .map(|i| Key::new(format!("group:{i}")).unwrap())
+            .collect(),
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..TASKS {
+        let (b, keys) = (Arc::clone(&b), Arc::clone(&keys));
+        tasks.spawn(async move {
+            let (mut acknowledged, mut abandoned) = (0u64, 0u64);
+            for i in 0..WRITES {
+                let write = counter_write(&keys[((t + i) % KEYS) as usize], t * WRITES + i);
+                // Every eighth task gives up on every fourth write at once.
+                if t % 8 == 0 && i % 4 == 0 {
+                    match tokio::time::timeout(Duration::ZERO, b.apply(write)).await {
+                        Ok(outcome) => {
+                            outcome.unwrap();
+                            acknowledged += 1;
+                        }
+                        Err(_) => abandoned += 1,
+                    }
+                } else {
+                    b.apply(write).await.unwrap();
+                    acknowledged += 1;
+                }
+            }
+            (acknowledged, abandoned)
+        });
+    }
+    let (mut acknowledged, mut abandoned) = (0u64, 0u64);
+    while let Some(done) = tasks.join_next().await {
+        let (a, g) = done.unwrap();
+        acknowledged += a;
+        abandoned += g;
+    }
+    // Abandoned writes may still commit: their drainer owns them.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut total: i128 = 0;
+    for key in keys.iter() {
+        total += counter_of(&b.get(key).await.unwrap().unwrap());
+    }
+    let stats = b.stats();
+    println!(
+        "acknowledged {acknowledged}, abandoned {abandoned}, total {total}; {:?}",
+        stats
+    );
+    assert!(abandoned > 0, "some callers gave up");
+    assert!(
+        total >= i128::from(acknowledged) && total <= i128::from(acknowledged + abandoned),
+        "every acknowledged write counted once, abandoned ones at most once"
+    );
+    assert_eq!(stats.commits as i128, total, "one commit per increment");
+    let mut fed = 0u64;
+    for p in 0..b.layout().partitions() {
+        fed += b.read_feed(p, 0, 10_000).await.unwrap().entries.len() as u64;
+    }
+    assert_eq!(fed, stats.commits, "one feed entry per commit");
+    assert!(stats.grouped_writes > 0, "writes were grouped: {stats:?}");
+    assert!(
+        stats.write_calls < stats.commits,
+        "grouped writes share write script calls: {stats:?}"
+    );
+}
+
+/// One write script call carries many commits, each checked and committed on its own: a
+/// command failing for one item (its partition's feed replaced by a string, written by
+/// `redis-cli`) fails that item only; the other items of the same call commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_item_does_not_fail_the_rest_of_its_script_call() {
+    use geostate_backends::{Key, StateBackend};
+
+    let ns = Namespace::new(shared_server(), "isolate");
+    let config = ns.config(Layout::default());
+    let prefix = config.key_prefix.clone();
+    let b = connect(config).await;
+    let layout = b.layout().clone();
+    let keys: Vec<Key> = (0..40)
+        .map(|i| Key::new(format!("isolate:{i}")).unwrap())
+        .collect();
+    let broken = layout.partition_of(&keys[7]);
+    let feed = format!("{{{prefix}p{broken}}}:f");
+    redis_cli(6379, &["SET", &feed, "not a stream"]);
+    let writes = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| counter_write(k, i as u64 + 1))
+        .collect();
+    let outcomes = b.apply_many(writes).await.unwrap();
+    assert_eq!(b.stats().write_calls, 1, "one script call for the batch");
+    for (key, outcome) in keys.iter().zip(&outcomes) {
+        if layout.partition_of(key) == broken {
+            match outcome {
+                Err(BackendError::Unavailable(m)) => {
+                    assert!(m.contains("WRONGTYPE"), "{key}: {m}")
+                }
+                other => panic!("{key}: expected the feed's error, got {other:?}"),
+            }
+        } else {
+            let receipt = outcome.as_ref().unwrap_or_else(|e| panic!("{key}: {e}"));
+            assert_eq!(receipt.seq, Some(1), "{key}: the first entry of its feed");
+            assert_eq!(counter_of(&b.get(key).await.unwrap().unwrap()), 1, "{key}");
+        }
+    }
+    assert_eq!(
+        redis_cli(6379, &["GET", &feed]),
+        "not a stream",
+        "left as found"
+    );
+}
+
 fn is_corrupt<T: std::fmt::Debug>(r: &Result<T, geostate_backends::BackendError>, what: &str) {
     match r {
         Err(geostate_backends::BackendError::Corrupt { .. }) => {}

@@ -42,47 +42,85 @@ impl Lua {
 /// One request of a pipeline.
 #[derive(Debug)]
 pub(crate) enum Req {
-    /// A script call; all its keys share the group's hash tag.
-    Script {
-        lua: Arc<Lua>,
-        keys: Vec<Vec<u8>>,
-        args: Vec<Vec<u8>>,
-    },
+    /// A script call (`EVALSHA <sha> <numkeys> <keys..> <args..>`, built once); all its keys
+    /// share the group's hash tag.
+    Script { lua: Arc<Lua>, cmd: Cmd },
     /// A plain command on a key of the group's hash tag.
     Cmd(Cmd),
 }
 
 impl Req {
     pub(crate) fn script(lua: &Arc<Lua>, keys: Vec<Vec<u8>>, args: Vec<Vec<u8>>) -> Self {
-        Req::Script {
-            lua: Arc::clone(lua),
-            keys,
-            args,
+        let mut call = ScriptCall::new(lua, keys.len());
+        for k in &keys {
+            call.arg(k.as_slice());
         }
+        for a in &args {
+            call.arg(a.as_slice());
+        }
+        call.into_req()
     }
 
     fn to_cmd(&self, whole: bool) -> Cmd {
         match self {
             Req::Cmd(cmd) => cmd.clone(),
-            Req::Script { lua, keys, args } => {
-                let mut cmd = if whole {
-                    let mut c = redis::cmd("EVAL");
-                    c.arg(lua.body);
-                    c
-                } else {
-                    let mut c = redis::cmd("EVALSHA");
-                    c.arg(&lua.sha);
-                    c
-                };
-                cmd.arg(keys.len());
-                for k in keys {
-                    cmd.arg(k.as_slice());
+            Req::Script { cmd, .. } if !whole => cmd.clone(),
+            Req::Script { lua, cmd } => {
+                // `EVAL <body>` and the same number of keys, keys and arguments.
+                let mut eval = redis::cmd("EVAL");
+                eval.arg(lua.body);
+                for arg in cmd.args_iter().skip(2) {
+                    if let redis::Arg::Simple(bytes) = arg {
+                        eval.arg(bytes);
+                    }
                 }
-                for a in args {
-                    cmd.arg(a.as_slice());
-                }
-                cmd
+                eval
             }
+        }
+    }
+}
+
+/// A script call built in place: keys then arguments are written straight into the command's
+/// buffer (no per-argument allocation).
+pub(crate) struct ScriptCall {
+    lua: Arc<Lua>,
+    cmd: Cmd,
+}
+
+impl ScriptCall {
+    /// A call of `lua` with `keys` keys (the first `keys` arguments pushed are the keys).
+    pub(crate) fn new(lua: &Arc<Lua>, keys: usize) -> Self {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(lua.sha.as_str()).arg(keys);
+        Self {
+            lua: Arc::clone(lua),
+            cmd,
+        }
+    }
+
+    /// Appends a key or an argument.
+    pub(crate) fn arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        self.cmd.arg(arg);
+        self
+    }
+
+    /// Appends one key or argument made of `parts` one after the other.
+    pub(crate) fn arg_parts(&mut self, parts: &[&[u8]]) -> &mut Self {
+        use redis::RedisWrite;
+        use std::io::Write;
+        let mut writer = self.cmd.writer_for_next_arg();
+        for part in parts {
+            // Writing to the command's in-memory buffer cannot fail.
+            let _ = writer.write_all(part);
+        }
+        drop(writer);
+        self
+    }
+
+    pub(crate) fn into_req(self) -> Req {
+        Req::Script {
+            lua: self.lua,
+            cmd: self.cmd,
         }
     }
 }

@@ -9,6 +9,8 @@ use super::breaker::{Breaker, BreakerState};
 pub(crate) struct Counters {
     pub(crate) commits: AtomicU64,
     pub(crate) cached_commits: AtomicU64,
+    pub(crate) write_calls: AtomicU64,
+    pub(crate) grouped_writes: AtomicU64,
     pub(crate) races: AtomicU64,
     pub(crate) gave_up: AtomicU64,
     pub(crate) transport_retries: AtomicU64,
@@ -26,6 +28,11 @@ pub struct RedisStats {
     pub commits: u64,
     /// Of those, commits computed from the write cache, without reading the key first.
     pub cached_commits: u64,
+    /// Write script calls made (one carries up to 64 commits of a batch or of a group).
+    pub write_calls: u64,
+    /// Single writes (`apply`, `merge`) that arrived while others were in flight and were
+    /// committed together with other queued writes (group commit) instead of on their own.
+    pub grouped_writes: u64,
     /// Commits refused because the key changed after it was read (each was computed again).
     pub races: u64,
     /// Writes that lost `ContentionConfig::attempts_max` races and failed.
@@ -50,6 +57,8 @@ impl Counters {
         RedisStats {
             commits: get(&self.commits),
             cached_commits: get(&self.cached_commits),
+            write_calls: get(&self.write_calls),
+            grouped_writes: get(&self.grouped_writes),
             races: get(&self.races),
             gave_up: get(&self.gave_up),
             transport_retries: get(&self.transport_retries),

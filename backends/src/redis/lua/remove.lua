@@ -29,7 +29,7 @@ else
   if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[4]) then
     return -1
   end
-  if redis.call('GETRANGE', KEYS[1], -4, -1) ~= ARGV[5] then
+  if redis.call('GETRANGE', KEYS[1], '-4', '-1') ~= ARGV[5] then
     return -1
   end
 end
