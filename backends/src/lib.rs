@@ -41,6 +41,8 @@
 //! # });
 //! ```
 
+#[cfg(all(feature = "redis", feature = "postgres"))]
+pub mod any;
 pub mod backend;
 #[cfg(any(feature = "redis", feature = "postgres"))]
 pub mod cache;
@@ -51,6 +53,7 @@ pub mod layout;
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+mod redact;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(any(feature = "redis", feature = "postgres"))]
@@ -59,6 +62,8 @@ mod secure;
 pub mod suite;
 pub mod types;
 
+#[cfg(all(feature = "redis", feature = "postgres"))]
+pub use any::AnyStore;
 #[cfg(feature = "testing")]
 pub use backend::RawAccess;
 pub use backend::{StateBackend, PAGE_LIMIT_MAX};
@@ -67,6 +72,7 @@ pub use error::BackendError;
 pub use key::{Key, KEY_BYTES_MAX};
 pub use layout::{fnv1a64, Layout};
 pub use memory::MemoryBackend;
+pub use redact::redact_url;
 pub use types::{
     Expect, FeedEntry, FeedPage, LocalWrite, Receipt, ScanItem, ScanPage, Stored, Tombstone,
     TombstonePage,

@@ -5,8 +5,12 @@ pub use geostate_conflict as conflict;
 pub use geostate_crdt as crdt;
 pub use geostate_regions as regions;
 
+pub mod open;
+
+pub use open::{open_region, open_store};
+
 pub use geostate_backends::{
-    BackendError, Expect, Key, Layout, MemoryBackend, StateBackend, Stored,
+    AnyStore, BackendError, Expect, Key, Layout, MemoryBackend, StateBackend, Stored,
 };
 pub use geostate_conflict::{ConflictRecord, ResolvedValue, Resolver, ResolverRegistry, Sibling};
 pub use geostate_crdt::{
@@ -15,6 +19,6 @@ pub use geostate_crdt::{
     SetOp, Stamped, TypeTag, VersionVector,
 };
 pub use geostate_regions::{
-    CasOutcome, Clock, FromCrdt, ManualClock, Region, RegionBuilder, RegionConfig, RegionError,
-    RegionId, SystemClock, WriteReceipt,
+    CasOutcome, Clock, FromCrdt, ManualClock, PostgresStoreConfig, RedisStoreConfig, Region,
+    RegionBuilder, RegionConfig, RegionError, RegionId, StoreConfig, SystemClock, WriteReceipt,
 };

@@ -48,7 +48,9 @@ pub mod typed;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
-    LayoutConfig, RegionConfig, RegionLimits, ResolverConfig, ResolverPolicy, StoreConfig, NODE_MAX,
+    LayoutConfig, PostgresReadPolicy, PostgresSslMode, PostgresStoreConfig, PostgresTlsConfig,
+    RedisStoreConfig, RedisStoreMode, RedisTlsConfig, RedisWaitConfig, RegionConfig, RegionLimits,
+    ResolverConfig, ResolverPolicy, StoreConfig, NODE_MAX,
 };
 pub use error::RegionError;
 pub use region::{CasOutcome, Region, RegionBuilder, WriteReceipt};

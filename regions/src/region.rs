@@ -238,13 +238,22 @@ impl<B: StateBackend> RegionBuilder<B> {
 }
 
 impl Region<MemoryBackend> {
-    /// Opens a region on the store its configuration names (today: the embedded memory store).
+    /// Opens a region on the embedded memory store (`[store] kind = "memory"`, the default).
+    ///
+    /// This crate has no store drivers: a configuration naming Redis or PostgreSQL is a
+    /// [`RegionError::Config`] here; `geostate::open_region` (the facade crate) opens a region
+    /// on whichever store the configuration names.
     pub async fn connect(config: RegionConfig) -> Result<Self, RegionError> {
         match config.store {
             crate::StoreConfig::Memory => {
                 let layout = config.layout.to_layout()?;
                 Region::builder(config, Arc::new(MemoryBackend::new(layout))).build()
             }
+            ref other => Err(RegionError::Config(format!(
+                "Region::connect opens only the memory store, and [store] names kind = {:?}; \
+                 open it with geostate::open_region",
+                other.kind()
+            ))),
         }
     }
 }

@@ -47,11 +47,7 @@ use std::time::{Duration, Instant};
 
 use geostate_backends::postgres::{redact_url, PostgresBackend, PostgresConfig};
 use geostate_backends::redis::{RedisBackend, RedisConfig};
-use geostate_backends::{
-    BackendError, FeedPage, Key, Layout, LocalWrite, PartitionDigest, Receipt, ScanPage,
-    StateBackend, Stored, TombstonePage,
-};
-use geostate_crdt::{Crdt, VersionVector};
+use geostate_backends::{AnyStore, Layout};
 use serde::Deserialize;
 use sqlx::{Connection as _, PgConnection};
 
@@ -203,152 +199,6 @@ impl Default for StoreOptions {
             redis_server: PathBuf::from("redis-server"),
             startup_timeout: Duration::from_secs(15),
         }
-    }
-}
-
-/// A real region store: what the engine runs a region on in a real-store run. It forwards
-/// every operation to the store it holds.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum RealStore {
-    /// A Redis store (boxed: it is much larger than the PostgreSQL handle).
-    Redis(Box<RedisBackend>),
-    /// A PostgreSQL store.
-    Postgres(PostgresBackend),
-}
-
-macro_rules! forward {
-    ($self:ident, $store:ident => $call:expr) => {
-        match $self {
-            RealStore::Redis($store) => $call.await,
-            RealStore::Postgres($store) => $call.await,
-        }
-    };
-}
-
-impl StateBackend for RealStore {
-    fn layout(&self) -> &Layout {
-        match self {
-            RealStore::Redis(s) => s.layout(),
-            RealStore::Postgres(s) => s.layout(),
-        }
-    }
-
-    async fn get(&self, key: &Key) -> Result<Option<Stored>, BackendError> {
-        forward!(self, s => s.get(key))
-    }
-
-    async fn get_many(
-        &self,
-        keys: &[Key],
-    ) -> Result<Vec<Result<Option<Stored>, BackendError>>, BackendError> {
-        forward!(self, s => s.get_many(keys))
-    }
-
-    async fn apply(&self, write: LocalWrite) -> Result<Receipt, BackendError> {
-        forward!(self, s => s.apply(write))
-    }
-
-    async fn apply_many(
-        &self,
-        writes: Vec<LocalWrite>,
-    ) -> Result<Vec<Result<Receipt, BackendError>>, BackendError> {
-        forward!(self, s => s.apply_many(writes))
-    }
-
-    async fn merge(&self, key: &Key, delta: &Crdt) -> Result<Receipt, BackendError> {
-        forward!(self, s => s.merge(key, delta))
-    }
-
-    async fn merge_many(
-        &self,
-        items: &[(Key, Crdt)],
-    ) -> Result<Vec<Result<Receipt, BackendError>>, BackendError> {
-        forward!(self, s => s.merge_many(items))
-    }
-
-    async fn delete(&self, key: &Key) -> Result<bool, BackendError> {
-        forward!(self, s => s.delete(key))
-    }
-
-    async fn delete_many(&self, keys: &[Key]) -> Result<Vec<bool>, BackendError> {
-        forward!(self, s => s.delete_many(keys))
-    }
-
-    async fn tombstones(
-        &self,
-        partition: u16,
-        after: Option<&Key>,
-        limit: usize,
-    ) -> Result<TombstonePage, BackendError> {
-        forward!(self, s => s.tombstones(partition, after, limit))
-    }
-
-    async fn purge(&self, key: &Key, version: u64) -> Result<bool, BackendError> {
-        forward!(self, s => s.purge(key, version))
-    }
-
-    async fn dot_floor(&self, partition: u16) -> Result<VersionVector, BackendError> {
-        forward!(self, s => s.dot_floor(partition))
-    }
-
-    async fn scan(
-        &self,
-        prefix: &str,
-        after: Option<&Key>,
-        limit: usize,
-    ) -> Result<ScanPage, BackendError> {
-        forward!(self, s => s.scan(prefix, after, limit))
-    }
-
-    async fn read_feed(
-        &self,
-        partition: u16,
-        after: u64,
-        limit: usize,
-    ) -> Result<FeedPage, BackendError> {
-        forward!(self, s => s.read_feed(partition, after, limit))
-    }
-
-    async fn trim_feed(&self, partition: u16, through: u64) -> Result<usize, BackendError> {
-        forward!(self, s => s.trim_feed(partition, through))
-    }
-
-    async fn digest(&self, partition: u16) -> Result<PartitionDigest, BackendError> {
-        forward!(self, s => s.digest(partition))
-    }
-
-    async fn bucket_entries(
-        &self,
-        partition: u16,
-        bucket: u16,
-    ) -> Result<Vec<(Key, u64)>, BackendError> {
-        forward!(self, s => s.bucket_entries(partition, bucket))
-    }
-
-    async fn cursor(&self, origin: &str, partition: u16) -> Result<u64, BackendError> {
-        forward!(self, s => s.cursor(origin, partition))
-    }
-
-    async fn advance_cursor(
-        &self,
-        origin: &str,
-        partition: u16,
-        seq: u64,
-    ) -> Result<u64, BackendError> {
-        forward!(self, s => s.advance_cursor(origin, partition, seq))
-    }
-
-    async fn append_conflict(&self, record: Vec<u8>) -> Result<u64, BackendError> {
-        forward!(self, s => s.append_conflict(record))
-    }
-
-    async fn read_conflicts(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, BackendError> {
-        forward!(self, s => s.read_conflicts(after, limit))
     }
 }
 
@@ -546,7 +396,7 @@ impl Drop for RedisServer {
 #[derive(Debug)]
 pub struct Deployment {
     runtime: tokio::runtime::Runtime,
-    stores: Vec<Arc<RealStore>>,
+    stores: Vec<Arc<AnyStore>>,
     infos: Vec<StoreInfo>,
     redis: Vec<RedisServer>,
     postgres_url: String,
@@ -641,8 +491,7 @@ impl Deployment {
             .runtime
             .block_on(RedisBackend::connect(config))
             .map_err(|e| store_error(format!("redis-server on port {port}: {e}")))?;
-        self.stores
-            .push(Arc::new(RealStore::Redis(Box::new(store))));
+        self.stores.push(Arc::new(AnyStore::Redis(Box::new(store))));
         self.infos.push(StoreInfo {
             kind: StoreKind::Redis,
             location: format!("redis-server 127.0.0.1:{port}"),
@@ -706,7 +555,7 @@ impl Deployment {
             .runtime
             .block_on(PostgresBackend::connect(config))
             .map_err(|e| store_error(format!("schema {schema} at {shown}: {e}")))?;
-        self.stores.push(Arc::new(RealStore::Postgres(store)));
+        self.stores.push(Arc::new(AnyStore::Postgres(store)));
         self.infos.push(StoreInfo {
             kind: StoreKind::Postgres,
             location: format!("schema {schema} at {shown}"),
@@ -720,7 +569,7 @@ impl Deployment {
     }
 
     /// The stores, by region.
-    pub fn stores(&self) -> Vec<Arc<RealStore>> {
+    pub fn stores(&self) -> Vec<Arc<AnyStore>> {
         self.stores.clone()
     }
 
@@ -747,7 +596,7 @@ impl Deployment {
     fn remove_everything(&mut self) -> Vec<String> {
         let mut problems = Vec::new();
         for store in std::mem::take(&mut self.stores) {
-            if let RealStore::Postgres(pg) = store.as_ref() {
+            if let AnyStore::Postgres(pg) = store.as_ref() {
                 let closing =
                     async { tokio::time::timeout(Duration::from_secs(10), pg.close()).await };
                 if self.runtime.block_on(closing).is_err() {
