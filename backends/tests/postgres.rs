@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use geostate_backends::postgres::{PostgresBackend, PostgresConfig, ReadPolicy, SslMode};
 use geostate_backends::{
-    suite, BackendError, Expect, FeedEntry, Key, Layout, LocalWrite, StateBackend,
+    suite, BackendError, Expect, FeedEntry, Key, Layout, LocalWrite, PartitionDigest, StateBackend,
+    Stored, TombstonePage,
 };
 use geostate_crdt::{ActorId, CounterOp, Crdt, Hlc, Op, SetOp, TypeTag};
 
@@ -929,6 +930,268 @@ async fn the_locking_transaction_alone_still_works() {
         (0, 10),
         "{stats:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schema version 3: value updates that can be HOT
+// ---------------------------------------------------------------------------------------------
+
+/// The indexes of `schema`'s `gs_values`: name -> definition.
+fn value_indexes(url: &str, schema: &str) -> BTreeMap<String, String> {
+    psql(
+        url,
+        &format!(
+            "SELECT indexname || '|' || indexdef FROM pg_indexes \
+             WHERE schemaname = '{schema}' AND tablename = 'gs_values' ORDER BY indexname"
+        ),
+    )
+    .lines()
+    .map(|line| {
+        let (name, def) = line.split_once('|').unwrap();
+        (name.to_string(), def.to_string())
+    })
+    .collect()
+}
+
+/// Asserts that `schema`'s `gs_values` has the indexes and page fill of schema version 3.
+fn assert_version_3_shape(url: &str, schema: &str) {
+    let indexes = value_indexes(url, schema);
+    let names: Vec<&str> = indexes.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        ["gs_values_bucket", "gs_values_pkey", "gs_values_tombstones"],
+        "{indexes:?}"
+    );
+    assert!(
+        indexes["gs_values_bucket"].ends_with("USING btree (partition, bucket, key)"),
+        "{indexes:?}"
+    );
+    assert!(
+        indexes["gs_values_tombstones"].ends_with("USING btree (partition, key) WHERE tombstone"),
+        "{indexes:?}"
+    );
+    assert!(
+        indexes.values().all(|def| !def.contains("INCLUDE")),
+        "no index may hold a column that writes change: {indexes:?}"
+    );
+    let reloptions = psql(
+        url,
+        &format!(
+            "SELECT array_to_string(c.reloptions, ',') FROM pg_class AS c \
+             JOIN pg_namespace AS n ON n.oid = c.relnamespace \
+             WHERE n.nspname = '{schema}' AND c.relname = 'gs_values'"
+        ),
+    );
+    assert_eq!(reloptions, "fillfactor=80");
+    let applied = psql(
+        url,
+        &format!("SELECT string_agg(version::text, ',' ORDER BY version) FROM \"{schema}\"._sqlx_migrations"),
+    );
+    assert_eq!(applied, "1,2,3");
+}
+
+/// (updates, HOT updates) of `schema`'s `gs_values` once the statistics count `updates`
+/// updates at least (the store's connections must be closed: a server process reports its
+/// counts when it exits).
+async fn value_updates(url: &str, schema: &str, updates: u64) -> (u64, u64) {
+    let started = Instant::now();
+    loop {
+        let row = psql(
+            url,
+            &format!(
+                "SELECT n_tup_upd || ' ' || n_tup_hot_upd FROM pg_stat_user_tables \
+                 WHERE schemaname = '{schema}' AND relname = 'gs_values'"
+            ),
+        );
+        let (all, hot) = row.split_once(' ').unwrap();
+        let counts: (u64, u64) = (all.parse().unwrap(), hot.parse().unwrap());
+        if counts.0 >= updates || started.elapsed() > Duration::from_secs(20) {
+            return counts;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A new schema has the indexes of schema version 3 (no `INCLUDE` column, which every write
+/// would change) and room on its pages, so writes that do not make or revive a tombstone
+/// update their value rows HOT (no index entry written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn value_updates_are_hot() {
+    let schemas = Schemas::new("hot");
+    let schema = schemas.fresh();
+    let b = PostgresBackend::connect(schemas.config(schema.clone(), Layout::default()))
+        .await
+        .unwrap();
+    assert_version_3_shape(&schemas.url, &schema);
+    let keys: Vec<Key> = (0..10).map(|i| key(&format!("hot:{i}"))).collect();
+    // The first write of each key inserts its row; the other 4 update it: 40 updates, which
+    // fit on the rows' page even if nothing is pruned meanwhile.
+    for round in 0..5 {
+        for (i, k) in keys.iter().enumerate() {
+            b.apply(inc(k, 1, 1, 0, round * 10 + i as u64))
+                .await
+                .unwrap();
+        }
+    }
+    for k in &keys {
+        assert_eq!(counter_of(&b, k).await, 5);
+    }
+    b.close().await;
+    drop(b);
+    let (updates, hot) = value_updates(&schemas.url, &schema, 40).await;
+    assert_eq!(
+        (updates, hot),
+        (40, 40),
+        "updates of gs_values, HOT among them"
+    );
+}
+
+/// What a store shows of `keys`: their values, and the digests, bucket entries and
+/// tombstones of their partitions and buckets (checking every digest on the way).
+type Snapshot = (
+    Vec<Option<Stored>>,
+    Vec<PartitionDigest>,
+    Vec<Vec<(Key, u64)>>,
+    Vec<TombstonePage>,
+);
+
+async fn store_snapshot(
+    b: &PostgresBackend,
+    keys: &[Key],
+    partitions: &BTreeSet<u16>,
+    buckets: &BTreeSet<(u16, u16)>,
+) -> Snapshot {
+    let mut values = Vec::new();
+    for k in keys {
+        values.push(b.get(k).await.unwrap());
+    }
+    let (mut digests, mut tombstones) = (Vec::new(), Vec::new());
+    for &p in partitions {
+        assert!(
+            b.verify_digest(p).await.unwrap().is_empty(),
+            "partition {p}"
+        );
+        digests.push(b.digest(p).await.unwrap());
+        tombstones.push(b.tombstones(p, None, 100).await.unwrap());
+    }
+    let mut entries = Vec::new();
+    for &(p, bucket) in buckets {
+        entries.push(b.bucket_entries(p, bucket).await.unwrap());
+    }
+    (values, digests, entries, tombstones)
+}
+
+/// A store created before migration 3 (migrations 1 and 2 only, written to by the store) is
+/// migrated to version 3 when it is opened again, and keeps its values, versions, digests,
+/// bucket entries and tombstones; then writes, purges and digests work as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_schema_upgrades_to_version_3_with_its_data() {
+    use sqlx::Connection;
+
+    let schemas = Schemas::new("upgrade");
+    let schema = schemas.fresh();
+    let layout = Layout::default();
+    psql(&schemas.url, &format!("CREATE SCHEMA \"{schema}\""));
+    let mut conn = sqlx::PgConnection::connect(&schemas.url).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SET search_path TO \"{schema}\""
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
+    let mut migrator = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
+    migrator.dangerous_set_table_name(format!("\"{schema}\"._sqlx_migrations"));
+    migrator.run_to(2, &mut conn).await.unwrap();
+    conn.close().await.unwrap();
+    let old_indexes = value_indexes(&schemas.url, &schema);
+    assert!(
+        old_indexes["gs_values_bucket"].contains("INCLUDE (value_hash)"),
+        "version 2's index: {old_indexes:?}"
+    );
+
+    // Data written by the store on the version 2 schema (it must not migrate it).
+    let mut old_config = schemas.config(schema.clone(), layout.clone());
+    old_config.run_migrations = false;
+    old_config.create_schema = false;
+    let old = PostgresBackend::connect(old_config).await.unwrap();
+    let counters = keys_in(&layout, 1, "upgrade:counter:", 6);
+    let (cleared, deleted) = (key("upgrade:cleared"), key("upgrade:deleted"));
+    let mut i = 0;
+    for (n, k) in counters.iter().enumerate() {
+        for _ in 0..=n {
+            i += 1;
+            old.apply(inc(k, 1, 1, 0, i)).await.unwrap();
+        }
+    }
+    for (k, op) in [
+        (&cleared, Op::from(SetOp::add("a"))),
+        (&cleared, Op::from(SetOp::Clear)),
+        (&deleted, Op::from(CounterOp::inc(3))),
+        (&deleted, Op::Delete),
+    ] {
+        i += 1;
+        old.apply(write_op(k, op, 2, i)).await.unwrap();
+    }
+    let mut all_keys = counters.clone();
+    all_keys.extend([cleared.clone(), deleted.clone()]);
+    let partitions: BTreeSet<u16> = all_keys.iter().map(|k| layout.partition_of(k)).collect();
+    let buckets: BTreeSet<(u16, u16)> = all_keys
+        .iter()
+        .map(|k| (layout.partition_of(k), layout.bucket_of(k)))
+        .collect();
+    let before = store_snapshot(&old, &all_keys, &partitions, &buckets).await;
+    let listed: usize = before.3.iter().map(|page| page.items.len()).sum();
+    assert_eq!(
+        listed, 2,
+        "the cleared and the deleted key are tombstones: {:?}",
+        before.3
+    );
+    old.close().await;
+    drop(old);
+
+    // Opened again with migrations: version 3, same data.
+    let new = PostgresBackend::connect(schemas.config(schema.clone(), layout.clone()))
+        .await
+        .unwrap();
+    assert_version_3_shape(&schemas.url, &schema);
+    assert_eq!(
+        store_snapshot(&new, &all_keys, &partitions, &buckets).await,
+        before
+    );
+
+    // And it keeps working: writes, a purge, digests.
+    for k in &counters {
+        i += 1;
+        new.apply(inc(k, 10, 1, 0, i)).await.unwrap();
+    }
+    for (n, k) in counters.iter().enumerate() {
+        assert_eq!(counter_of(&new, k).await, n as i128 + 11);
+    }
+    let tombstone = new.get(&cleared).await.unwrap().unwrap();
+    assert!(new.purge(&cleared, tombstone.version).await.unwrap());
+    assert!(new.get(&cleared).await.unwrap().is_none());
+    for &p in &partitions {
+        assert!(
+            new.verify_digest(p).await.unwrap().is_empty(),
+            "partition {p}"
+        );
+    }
+    let listed: Vec<Key> = {
+        let mut out = Vec::new();
+        for &p in &partitions {
+            out.extend(
+                new.tombstones(p, None, 100)
+                    .await
+                    .unwrap()
+                    .items
+                    .into_iter()
+                    .map(|t| t.key),
+            );
+        }
+        out
+    };
+    assert_eq!(listed, [deleted]);
 }
 
 // ---------------------------------------------------------------------------------------------

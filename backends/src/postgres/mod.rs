@@ -116,6 +116,18 @@
 //! (on the primary, like everything replication decides on). Values written before migration
 //! 2 read as no tombstone until they are written again (kept, never listed: safe).
 //!
+//! ## HOT updates
+//!
+//! No index of `gs_values` holds a column that an ordinary write changes (since migration 3:
+//! the secondary indexes hold only `partition`, `bucket`, `key` and the tombstone predicate),
+//! and the table keeps a fifth of each page free (`fillfactor = 80`), so a write's value
+//! update is a HOT (heap-only tuple) update: no index entry is written. Only a write that
+//! makes a value a tombstone or revives one updates the indexes. `gs_partitions` and
+//! `gs_digests` (`fillfactor = 50`, no indexed column changes) are HOT-updated too; the feed
+//! entry is the one index insertion a write makes. The price: `bucket_entries` and
+//! `tombstones` read the listed rows' hashes and versions from the heap, not the index
+//! alone; both serve anti-entropy and garbage collection, not the write path.
+//!
 //! [`merge`](StateBackend::merge) takes the same paths without a feed entry, dot floor or
 //! epoch condition.
 //!

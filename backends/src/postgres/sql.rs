@@ -62,6 +62,12 @@ WITH l AS MATERIALIZED (
  RETURNING version_clock, last_seq, prev_trimmed, trimmed_through
 ), "#;
 
+/// The rest of every single-key write: the feed entry, the trim, and the digest bucket.
+///
+/// The bucket's fingerprint is XORed by a plain `UPDATE` (`d`); only a bucket that has no row
+/// yet is inserted (`dn`, which keeps `ON CONFLICT` for a row another writer of the partition
+/// committed after this statement's snapshot). `INSERT ... ON CONFLICT DO UPDATE` alone would
+/// first lock the existing row, a WAL record of its own on every write.
 const WRITE_TAIL: &str = r#",
 f AS (
     INSERT INTO {s}.gs_feed (partition, seq, key, delta, origin, hlc_ms, hlc_logical)
@@ -70,7 +76,13 @@ f AS (
     DELETE FROM {s}.gs_feed AS e USING p
      WHERE e.partition = $1 AND e.seq > p.prev_trimmed AND e.seq <= p.trimmed_through
 ), d AS (
+    UPDATE {s}.gs_digests AS g SET fingerprint = g.fingerprint # $13
+      FROM p
+     WHERE g.partition = $1 AND g.bucket = $3
+ RETURNING 1
+), dn AS (
     INSERT INTO {s}.gs_digests AS g (partition, bucket, fingerprint) SELECT $1, $3, $13 FROM p
+     WHERE NOT EXISTS (SELECT 1 FROM d)
     ON CONFLICT (partition, bucket) DO UPDATE SET fingerprint = g.fingerprint # EXCLUDED.fingerprint
 )
 SELECT version_clock, last_seq FROM p"#;
@@ -168,7 +180,8 @@ SELECT v.envelope, v.version, v.entry_hash,
             // get the next versions and feed sequence numbers of their partitions in item
             // order; the feed of each partition is trimmed to $8 entries (never more items of
             // one partition than that in one statement) and every bucket's fingerprint XORed
-            // once. Returns (item number, version, seq or NULL) of the items written.
+            // once (an `UPDATE`, then an insert of the buckets that have no row yet, as in
+            // `WRITE_TAIL`). Returns (item number, version, seq or NULL) of the items written.
             write_many: s(r#"
 WITH i AS (
     SELECT * FROM unnest($1::integer[], $2::text[], $3::integer[], $4::bytea[], $5::bigint[],
@@ -220,11 +233,19 @@ WITH i AS (
 ), t AS (
     DELETE FROM {s}.gs_feed AS e USING p
      WHERE e.partition = p.partition AND e.seq > p.prev_trimmed AND e.seq <= p.trimmed_through
-), d AS (
-    INSERT INTO {s}.gs_digests AS g (partition, bucket, fingerprint)
-    SELECT w.partition, w.bucket, bit_xor(w.xor)
+), dx AS MATERIALIZED (
+    SELECT w.partition, w.bucket, bit_xor(w.xor) AS xor
       FROM w JOIN p ON p.partition = w.partition
      GROUP BY w.partition, w.bucket
+), d AS (
+    UPDATE {s}.gs_digests AS g SET fingerprint = g.fingerprint # dx.xor
+      FROM dx
+     WHERE g.partition = dx.partition AND g.bucket = dx.bucket
+ RETURNING g.partition, g.bucket
+), dn AS (
+    INSERT INTO {s}.gs_digests AS g (partition, bucket, fingerprint)
+    SELECT dx.partition, dx.bucket, dx.xor FROM dx
+     WHERE NOT EXISTS (SELECT 1 FROM d WHERE d.partition = dx.partition AND d.bucket = dx.bucket)
     ON CONFLICT (partition, bucket) DO UPDATE SET fingerprint = g.fingerprint # EXCLUDED.fingerprint
 )
 SELECT w.n, p.v0 + w.vr, CASE WHEN w.fed = 1 THEN p.s0 + w.sr END
@@ -302,7 +323,9 @@ SELECT u.partition, u.actor, u.counter::numeric
  WHERE u.partition IN (SELECT partition FROM p)
  ORDER BY u.partition, u.actor
 ON CONFLICT (partition, actor) DO UPDATE SET counter = GREATEST(f.counter, EXCLUDED.counter)"#),
-            // $1 partition, $2 limit, $3 the key to list after.
+            // $1 partition, $2 limit, $3 the key to list after. The partial index
+            // `gs_values_tombstones` gives the keys in order; versions and value hashes come
+            // from the heap (not INCLUDEd in the index, so that writes stay HOT: migration 3).
             tombstones_first: s("SELECT key, version, value_hash FROM {s}.gs_values \
                  WHERE partition = $1 AND tombstone ORDER BY key LIMIT $2"),
             tombstones_after: s("SELECT key, version, value_hash FROM {s}.gs_values \
@@ -332,6 +355,9 @@ WITH p AS (
 )
 SELECT count(*) FROM d"#),
             digest: s("SELECT bucket, fingerprint FROM {s}.gs_digests WHERE partition = $1"),
+            // `gs_values_bucket` gives the bucket's keys in order; the value hashes come from
+            // the heap (not INCLUDEd in the index, so that writes stay HOT: migration 3).
+            // Only anti-entropy lists buckets, far less often than writes happen.
             bucket_entries: s(
                 "SELECT key, value_hash FROM {s}.gs_values WHERE partition = $1 AND bucket = $2 \
                  ORDER BY key",
