@@ -459,6 +459,62 @@ async fn a_failing_item_does_not_fail_the_rest_of_its_script_call() {
     );
 }
 
+/// The feed is trimmed by whole stream nodes (`XADD .. MAXLEN ~`, cheap) rather than one entry
+/// per write: the stream may hold a few entries more than `feed_entries_max`, and reads hide
+/// them, so a reader sees exactly the newest `feed_entries_max` entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_is_trimmed_by_whole_nodes_and_reads_see_the_bound() {
+    use geostate_backends::{Key, StateBackend};
+
+    const KEPT: usize = 200;
+    let ns = Namespace::new(shared_server(), "trim");
+    let config = ns.config(Layout::new(4, 4, 1 << 20, KEPT).unwrap());
+    let prefix = config.key_prefix.clone();
+    let b = connect(config).await;
+    let p = 0;
+    let keys: Vec<Key> = (0u64..)
+        .map(|i| Key::new(format!("trim:{i}")).unwrap())
+        .filter(|k| b.layout().partition_of(k) == p)
+        .take(10)
+        .collect();
+    let total = 3 * KEPT as u64 + 57;
+    for i in 0..total {
+        b.apply(counter_write(&keys[(i % 10) as usize], i + 1))
+            .await
+            .unwrap();
+    }
+    let held: usize = redis_cli(6379, &["XLEN", &format!("{{{prefix}p{p}}}:f")])
+        .parse()
+        .unwrap();
+    println!("the stream holds {held} entries for a bound of {KEPT}");
+    assert!(
+        (KEPT..KEPT + 200).contains(&held),
+        "the stream holds about {KEPT} entries, by whole nodes: {held}"
+    );
+    let mut seqs = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = b.read_feed(p, after, 64).await.unwrap();
+        if after == 0 {
+            assert_eq!(
+                (page.first_seq, page.last_seq),
+                (total - KEPT as u64 + 1, total)
+            );
+            assert!(page.missed_after(0));
+        }
+        let Some(last) = page.entries.last() else {
+            break;
+        };
+        after = last.seq;
+        seqs.extend(page.entries.iter().map(|e| e.seq));
+    }
+    assert_eq!(
+        seqs,
+        (total - KEPT as u64 + 1..=total).collect::<Vec<_>>(),
+        "a reader sees exactly the newest {KEPT}"
+    );
+}
+
 fn is_corrupt<T: std::fmt::Debug>(r: &Result<T, geostate_backends::BackendError>, what: &str) {
     match r {
         Err(geostate_backends::BackendError::Corrupt { .. }) => {}

@@ -45,8 +45,10 @@
 //!    the partition's version clock, writes the envelope and meta, moves the key's entry in
 //!    the digest bucket (the client passes old XOR new entry hash), indexes a new key (and adds
 //!    it to or drops it from the tombstone index, as the client says), appends the feed entry
-//!    with the partition's next sequence number, trims the feed to
-//!    [`Layout::feed_entries_max`] and returns version and seq;
+//!    with the partition's next sequence number, trims the feed to about
+//!    [`Layout::feed_entries_max`] (`XADD .. MAXLEN ~`: whole stream nodes at a time; reads
+//!    hide the few older entries left, so readers see exactly the bound) and returns version
+//!    and seq;
 //!    The commit carries a random token that the meta records, so a commit that a driver
 //!    resends after losing its reply (the cluster client does) is recognised and answered
 //!    with its first outcome instead of being taken for a lost race and computed again;
@@ -2043,7 +2045,15 @@ impl StateBackend for RedisBackend {
                 self.store.names.counters(partition),
                 self.store.names.feed(partition),
             ],
-            vec![start, limit.to_string().into_bytes()],
+            vec![
+                start,
+                limit.to_string().into_bytes(),
+                self.store
+                    .layout
+                    .feed_entries_max()
+                    .to_string()
+                    .into_bytes(),
+            ],
         );
         let reply = self
             .store
