@@ -49,6 +49,8 @@ pub mod cache;
 pub mod digest;
 pub mod error;
 pub mod key;
+#[cfg(feature = "redis")]
+mod keylocks;
 pub mod layout;
 pub mod memory;
 #[cfg(feature = "postgres")]

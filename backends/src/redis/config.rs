@@ -69,7 +69,7 @@ pub struct ContentionConfig {
     pub backoff_min: Duration,
     /// Largest bound a delay may have.
     pub backoff_max: Duration,
-    /// Serialise writes to one key within this process (a striped async lock) before they go
+    /// Serialise writes to one key within this process (an async lock per key) before they go
     /// to Redis, so that only writers in *other* processes can race. Correctness never depends
     /// on it; it saves wasted round trips under contention.
     pub local_key_locks: bool,

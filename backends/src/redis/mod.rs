@@ -65,7 +65,7 @@
 //! replaced behind our back by bytes that end in the same four bytes: one chance in 2^32 for
 //! an arbitrary change (the meta check catches every change made through geostate).
 //!
-//! Writes to one key from tasks of one process are also serialised by a striped local lock
+//! Writes to one key from tasks of one process are also serialised by a local lock per key
 //! ([`ContentionConfig::local_key_locks`]) so that they do not race each other; writers in
 //! other processes are kept correct by step 3 alone. [`merge`](StateBackend::merge) takes the
 //! same path without a feed entry. The batch forms pipeline: reads of a batch travel together,
@@ -205,6 +205,7 @@ use names::{decimal, hex16, Names};
 use crate::backend::{check_origin, local_delta, outcomes, page_limit, waves};
 use crate::cache::SnapshotCache;
 use crate::digest::{entry_hash, value_hash};
+use crate::keylocks::{KeyGuard, KeyLocks};
 use crate::{
     fnv1a64, BackendError, FeedEntry, FeedPage, Key, Layout, LocalWrite, PartitionDigest, Receipt,
     ScanItem, ScanPage, StateBackend, Stored, Tombstone, TombstonePage,
@@ -218,9 +219,6 @@ const WAVE_ITEMS_MAX: usize = 512;
 /// Most commits one write script call carries: enough to spread the call's fixed cost, few
 /// enough that a call holds the server for a couple of milliseconds at most.
 const SCRIPT_ITEMS_MAX: usize = 64;
-
-/// Stripes of the local per-key write lock.
-const LOCK_STRIPES: usize = 1024;
 
 /// Keys deleted per script call by [`RedisBackend::purge`].
 const PURGE_BATCH: usize = 500;
@@ -307,7 +305,7 @@ struct Store {
     conn: Conn,
     scripts: Scripts,
     contention: ContentionConfig,
-    locks: Option<Box<[tokio::sync::Mutex<()>]>>,
+    locks: Option<KeyLocks>,
     cache: SnapshotCache<CachedKey>,
     /// Single writes waiting to ride a grouped commit.
     queue: group::Queue,
@@ -844,12 +842,7 @@ impl Store {
     async fn connect(config: RedisConfig) -> Result<Self, BackendError> {
         config.validate()?;
         let conn = Conn::connect(&config).await?;
-        let locks = config.contention.local_key_locks.then(|| {
-            (0..LOCK_STRIPES)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect::<Vec<_>>()
-                .into_boxed_slice()
-        });
+        let locks = config.contention.local_key_locks.then(KeyLocks::default);
         let backend = Self {
             layout: config.layout.clone(),
             names: Names::new(&config.key_prefix, config.layout.partitions()),
@@ -1133,22 +1126,12 @@ impl Store {
             .collect()
     }
 
-    /// Locks the local write stripes of `keys` (in stripe order, so batches never deadlock).
-    async fn lock_keys(&self, keys: &[&Key]) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
-        let Some(locks) = &self.locks else {
-            return Vec::new();
-        };
-        let mut stripes: Vec<usize> = keys
-            .iter()
-            .map(|k| (fnv1a64(k.as_str().as_bytes()).rotate_left(17) as usize) % locks.len())
-            .collect();
-        stripes.sort_unstable();
-        stripes.dedup();
-        let mut guards = Vec::with_capacity(stripes.len());
-        for s in stripes {
-            guards.push(locks[s].lock().await);
+    /// Locks `keys` against this process's other writers (see [`KeyLocks`]).
+    async fn lock_keys(&self, keys: &[&Key]) -> Vec<KeyGuard<'_>> {
+        match &self.locks {
+            Some(locks) => locks.lock(keys).await,
+            None => Vec::new(),
         }
-        guards
     }
 
     /// Runs a batch of writes: contiguous waves of distinct keys, each wave read together and
