@@ -81,34 +81,7 @@ impl Namespace {
 
 impl Drop for Namespace {
     fn drop(&mut self) {
-        // Synchronous on purpose: this also runs while a failed test unwinds.
-        let Ok(client) = redis::Client::open(self.url.as_str()) else {
-            return;
-        };
-        let Ok(mut con) = client.get_connection_with_timeout(Duration::from_secs(2)) else {
-            return;
-        };
-        let pattern = format!("{{{}*", self.run);
-        let mut cursor: u64 = 0;
-        loop {
-            let Ok((next, keys)): redis::RedisResult<(u64, Vec<Vec<u8>>)> = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query(&mut con)
-            else {
-                return;
-            };
-            if !keys.is_empty() {
-                let _: redis::RedisResult<u64> = redis::cmd("UNLINK").arg(&keys).query(&mut con);
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+        geostate_tests::unlink_redis_keys(&self.url, &format!("{{{}*", self.run));
     }
 }
 

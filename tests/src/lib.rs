@@ -31,66 +31,64 @@ pub fn run_id() -> String {
     format!("{}_{}", std::process::id(), nanos % (1 << 40))
 }
 
+/// The keys of the Redis server at `url` that match `pattern` (SCAN, so the server is never
+/// blocked).
+pub fn redis_keys(url: &str, pattern: &str) -> redis::RedisResult<Vec<Vec<u8>>> {
+    let client = redis::Client::open(url)?;
+    let mut con = client.get_connection_with_timeout(Duration::from_secs(2))?;
+    let mut cursor: u64 = 0;
+    let mut found = Vec::new();
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query(&mut con)?;
+        found.extend(keys);
+        if next == 0 {
+            return Ok(found);
+        }
+        cursor = next;
+    }
+}
+
+/// Deletes the keys of the Redis server at `url` that match `pattern`; best effort (for
+/// clean-up in `Drop`, also while a failed test unwinds).
+pub fn unlink_redis_keys(url: &str, pattern: &str) {
+    let Ok(keys) = redis_keys(url, pattern) else {
+        return;
+    };
+    let Ok(client) = redis::Client::open(url) else {
+        return;
+    };
+    let Ok(mut con) = client.get_connection_with_timeout(Duration::from_secs(2)) else {
+        return;
+    };
+    for chunk in keys.chunks(1000) {
+        let _: redis::RedisResult<u64> = redis::cmd("UNLINK").arg(chunk).query(&mut con);
+    }
+}
+
 /// Deletes every Redis key under `prefix` when dropped (also while a failed test unwinds).
 pub struct RedisPrefix(pub String);
 
 impl RedisPrefix {
-    /// How many keys the store made under the prefix (all its keys start `{<prefix>`).
+    fn pattern(&self) -> String {
+        format!("{{{}*", self.0)
+    }
+
+    /// The keys the store made under the prefix (all its keys start `{<prefix>`).
     pub fn keys(&self) -> Vec<Vec<u8>> {
-        let client = redis::Client::open(REDIS_URL).unwrap();
-        let mut con = client
-            .get_connection_with_timeout(Duration::from_secs(2))
-            .unwrap_or_else(|e| panic!("no Redis at {REDIS_URL}: {e}; run scripts/ensure-redis"));
-        let pattern = format!("{{{}*", self.0);
-        let mut cursor: u64 = 0;
-        let mut found = Vec::new();
-        loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query(&mut con)
-                .unwrap();
-            found.extend(keys);
-            if next == 0 {
-                return found;
-            }
-            cursor = next;
-        }
+        redis_keys(REDIS_URL, &self.pattern())
+            .unwrap_or_else(|e| panic!("no Redis at {REDIS_URL}: {e}; run scripts/ensure-redis"))
     }
 }
 
 impl Drop for RedisPrefix {
     fn drop(&mut self) {
-        let Ok(client) = redis::Client::open(REDIS_URL) else {
-            return;
-        };
-        let Ok(mut con) = client.get_connection_with_timeout(Duration::from_secs(2)) else {
-            return;
-        };
-        let pattern = format!("{{{}*", self.0);
-        let mut cursor: u64 = 0;
-        loop {
-            let Ok((next, keys)): redis::RedisResult<(u64, Vec<Vec<u8>>)> = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query(&mut con)
-            else {
-                return;
-            };
-            if !keys.is_empty() {
-                let _: redis::RedisResult<u64> = redis::cmd("UNLINK").arg(&keys).query(&mut con);
-            }
-            if next == 0 {
-                return;
-            }
-            cursor = next;
-        }
+        unlink_redis_keys(REDIS_URL, &self.pattern());
     }
 }
 

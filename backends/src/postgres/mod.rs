@@ -710,6 +710,17 @@ struct Locked {
     entry_hash: u64,
 }
 
+impl Locked {
+    /// The row as the locking write saw it (the lock makes an envelope check needless).
+    fn old(&self) -> Old {
+        Old {
+            version: self.version,
+            entry_hash: self.entry_hash,
+            envelope_hash: None,
+        }
+    }
+}
+
 /// A key's row as a write saw it: its version and digest contribution.
 #[derive(Clone, Copy, Debug)]
 struct Old {
@@ -1255,11 +1266,7 @@ impl Shared {
             origin: w.actor,
             hlc: w.hlc,
         };
-        let old = locked.map(|row| Old {
-            version: row.version,
-            entry_hash: row.entry_hash,
-            envelope_hash: None,
-        });
+        let old = locked.as_ref().map(Locked::old);
         let (len, new_hash, new_sha) = prepared.fingerprint();
         let (version, seq) = self
             .store_locked(tx, key, old, prepared, Some(feed), floor_epoch)
@@ -1316,11 +1323,7 @@ impl Shared {
             None => Crdt::empty(delta.type_tag()),
         };
         let (prepared, merged) = self.prepare(key, &current, delta)?;
-        let old = locked.map(|row| Old {
-            version: row.version,
-            entry_hash: row.entry_hash,
-            envelope_hash: None,
-        });
+        let old = locked.as_ref().map(Locked::old);
         let (len, new_hash, new_sha) = prepared.fingerprint();
         let (version, _) = self
             .store_locked(tx, key, old, prepared, None, None)
@@ -2993,11 +2996,7 @@ impl Shared {
             entry_hash: entry_hash(key, value_hash),
             tombstone,
         };
-        let old = locked.map(|row| Old {
-            version: row.version,
-            entry_hash: row.entry_hash,
-            envelope_hash: None,
-        });
+        let old = locked.as_ref().map(Locked::old);
         self.store_locked(tx, key, old, prepared, None, None)
             .await?;
         Ok(Step::Commit(()))
